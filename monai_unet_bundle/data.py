@@ -1,0 +1,246 @@
+"""Finding the user's images and masks and turning them into MONAI datalists.
+
+A data set is either a folder with ``images/`` and ``masks/`` (pairs matched by file stem, with an
+optional mask suffix such as ``_mask``), or a Decathlon-style JSON datalist.  Without an explicit
+validation list, a deterministic split (seeded shuffle) takes ``val_fraction`` of the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.readers import PIL_SUFFIXES
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "build_datalists",
+    "file_stem",
+    "list_images",
+    "pair_images_and_masks",
+    "split_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+#: every file extension the bundle reads (matched case-insensitively)
+IMAGE_EXTENSIONS: tuple[str, ...] = (*PIL_SUFFIXES, ".nii", ".nii.gz")
+
+
+def file_stem(path: str | Path) -> str:
+    """Return the file name without its image extension (``a.nii.gz`` -> ``a``, ``b.PNG`` -> ``b``)."""
+    name = Path(path).name
+    lower = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image(p))
+
+
+def pair_images_and_masks(dataset_dir: str | Path, mask_suffix: str = "") -> list[dict[str, str]]:
+    """Pair ``dataset_dir/images/*`` with ``dataset_dir/masks/*`` by file stem.
+
+    Args:
+        dataset_dir: folder holding ``images/`` and ``masks/`` (sub-folders are searched too).
+        mask_suffix: text that ends every mask stem, e.g. ``"_mask"`` for ``car_01_mask.png``;
+            when empty, a mask stem equal to the image stem, or to it plus ``_mask``, matches.
+
+    Returns:
+        ``[{"image": path, "label": path}, ...]`` sorted by image path.
+
+    Raises:
+        BundleInputError: when a folder is missing, holds no images, or an image has no mask.
+    """
+    root = Path(dataset_dir)
+    images_dir, masks_dir = root / "images", root / "masks"
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise BundleInputError(
+                f"dataset_dir {str(root)!r} has no '{folder.name}/' folder: put the images in "
+                f"'{images_dir}' and the masks in '{masks_dir}', or pass --datalist."
+            )
+    images = _image_files(images_dir)
+    if not images:
+        raise BundleInputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {str(images_dir)!r}.")
+    masks: dict[str, Path] = {}
+    for mask in _image_files(masks_dir):
+        rel = mask.relative_to(masks_dir).parent
+        stem = file_stem(mask)
+        if mask_suffix and stem.endswith(mask_suffix):
+            stem = stem[: -len(mask_suffix)]
+        elif not mask_suffix and stem.endswith("_mask"):
+            masks.setdefault((rel / stem).as_posix(), mask)
+            stem = stem[: -len("_mask")]
+        masks[(rel / stem).as_posix()] = mask
+    pairs, missing = [], []
+    for image in images:
+        key = (image.relative_to(images_dir).parent / file_stem(image)).as_posix()
+        if key in masks:
+            pairs.append({"image": str(image), "label": str(masks[key])})
+        else:
+            missing.append(image.relative_to(root).as_posix())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        hint = f" with suffix {mask_suffix!r}" if mask_suffix else " (set --mask_suffix if mask names end in e.g. '_mask')"
+        raise BundleInputError(
+            f"{len(missing)} image(s) in {str(images_dir)!r} have no mask of the same stem{hint} in "
+            f"{str(masks_dir)!r}: {shown}."
+        )
+    return pairs
+
+
+def split_pairs(
+    pairs: Sequence[dict[str, str]], val_fraction: float, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Split pairs deterministically into training and validation lists.
+
+    The order is shuffled with ``random.Random(seed)``, so the same files and seed always give the
+    same split, and the validation part holds ``round(n * val_fraction)`` items, at least one.
+
+    Raises:
+        BundleInputError: when ``val_fraction`` is outside (0, 1) or there are fewer than 2 pairs.
+    """
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise BundleInputError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
+    if len(pairs) < 2:
+        raise BundleInputError(
+            f"found {len(pairs)} image/mask pair(s); at least 2 are needed (one for training, one for validation)."
+        )
+    order = sorted(pairs, key=lambda d: d["image"])
+    random.Random(seed).shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(len(order) * float(val_fraction))))
+    return order[n_val:], order[:n_val]
+
+
+def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[str, str]]]:
+    path = Path(datalist)
+    if not path.is_file():
+        raise BundleInputError(f"datalist {str(path)!r} does not exist: pass the path of a JSON file.")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleInputError(f"datalist {str(path)!r} is not valid JSON ({exc}).") from None
+    if not isinstance(content, dict) or not isinstance(content.get("training"), list):
+        raise BundleInputError(f"datalist {str(path)!r} needs a 'training' list of {{'image': ..., 'label': ...}} items.")
+    out: dict[str, list[dict[str, str]]] = {}
+    for section in ("training", "validation", "test"):
+        items = content.get(section)
+        if items is None:
+            continue
+        resolved = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "image" not in item or (section != "test" and "label" not in item):
+                raise BundleInputError(
+                    f"datalist {str(path)!r}: item {i} of '{section}' needs 'image' and 'label' keys, got {item!r}."
+                )
+            entry = {}
+            for key in ("image", "label"):
+                if key in item:
+                    file = Path(item[key]) if Path(item[key]).is_absolute() else base_dir / item[key]
+                    if not file.is_file():
+                        raise BundleInputError(f"datalist {str(path)!r}: '{section}' item {i} names {str(file)!r}, which does not exist.")
+                    entry[key] = str(file)
+            resolved.append(entry)
+        out[section] = resolved
+    return out
+
+
+def build_datalists(
+    dataset_dir: str | Path,
+    datalist: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    mask_suffix: str = "",
+) -> dict[str, list[dict[str, str]]]:
+    """Build the ``training``/``validation`` (and optional ``test``) lists the configs consume.
+
+    Args:
+        dataset_dir: folder with ``images/`` and ``masks/``; also the base of relative datalist paths.
+        datalist: optional Decathlon-style JSON; when it has no ``validation`` list, its ``training``
+            list is split with ``val_fraction``.
+        val_fraction: share of pairs held out for validation when no validation list is given.
+        seed: seed of the split.
+        mask_suffix: see :func:`pair_images_and_masks`.
+
+    Raises:
+        BundleInputError: on a missing folder or file, or when the validation list would be empty.
+    """
+    base = Path(dataset_dir)
+    if datalist:
+        lists = _load_datalist(datalist, base)
+        if not lists.get("validation"):
+            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
+    else:
+        if not base.is_dir():
+            raise BundleInputError(
+                f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/."
+            )
+        train, val = split_pairs(pair_images_and_masks(base, mask_suffix), val_fraction, seed)
+        lists = {"training": train, "validation": val}
+    if not lists["training"]:
+        raise BundleInputError("the training list is empty: give at least one image/mask pair for training.")
+    logger.info("data: %d training, %d validation pairs", len(lists["training"]), len(lists["validation"]))
+    return lists
+
+
+def _readable(path: Path) -> str | None:
+    """Return why ``path`` cannot be read as an image, or ``None`` when it can."""
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            nibabel.load(str(path)).get_fdata(dtype="float32")
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.load()
+    except Exception as exc:  # any decoder failure means the file is skipped, with the reason kept
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def list_images(input_dir: str | Path, output_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """List every readable image under ``input_dir`` for inference, as ``[{"image": path}]``.
+
+    Unreadable files are logged with the reason and skipped so the rest can still be written.
+
+    Raises:
+        BundleInputError: when the folder is missing, holds no readable image, or equals
+            ``output_dir`` (writing masks there could overwrite the inputs).
+    """
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise BundleInputError(f"input_dir {str(folder)!r} does not exist: pass --input_dir with a folder of images.")
+    if output_dir is not None and Path(output_dir).resolve() == folder.resolve():
+        raise BundleInputError(
+            f"output_dir {str(output_dir)!r} is the same folder as input_dir: choose another --output_dir so no input is overwritten."
+        )
+    exclude = Path(output_dir).resolve() if output_dir is not None else None
+    items, skipped = [], 0
+    for path in _image_files(folder):
+        if exclude is not None and exclude in path.resolve().parents:
+            continue  # earlier predictions written inside input_dir are not inputs
+
+        reason = _readable(path)
+        if reason is None:
+            items.append({"image": str(path)})
+        else:
+            skipped += 1
+            logger.warning("skipping unreadable file %s (%s)", path, reason)
+    if not items:
+        raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in input_dir {str(folder)!r}.")
+    logger.info("inference: %d image(s) to process, %d skipped", len(items), skipped)
+    return items
