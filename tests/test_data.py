@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from monai_unet_bundle.data import build_datalists, file_stem, list_images, pair_images_and_masks, split_pairs
+from monai_unet_bundle.errors import BundleInputError
+
+
+def _touch_png(path: Path, size=(8, 6)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size).save(path)
+    return path
+
+
+def test_file_stem_handles_double_and_upper_case_extensions():
+    assert file_stem("/x/a.nii.gz") == "a"
+    assert file_stem("b.PNG") == "b"
+    assert file_stem("c.d.tif") == "c.d"
+
+
+def test_pairs_by_stem_with_suffix_and_subfolders(tmp_path):
+    _touch_png(tmp_path / "images" / "car_01.png")
+    _touch_png(tmp_path / "images" / "sub" / "car_02.PNG")
+    _touch_png(tmp_path / "masks" / "car_01_mask.png")
+    _touch_png(tmp_path / "masks" / "sub" / "car_02_mask.png")
+    pairs = pair_images_and_masks(tmp_path, mask_suffix="_mask")
+    assert [Path(p["label"]).name for p in pairs] == ["car_01_mask.png", "car_02_mask.png"]
+    # without an explicit suffix, '_mask' is still recognised
+    assert pair_images_and_masks(tmp_path) == pairs
+
+
+def test_missing_mask_is_named(tmp_path):
+    _touch_png(tmp_path / "images" / "a.png")
+    _touch_png(tmp_path / "images" / "b.png")
+    _touch_png(tmp_path / "masks" / "a.png")
+    with pytest.raises(BundleInputError, match=r"1 image\(s\).*no mask.*images/b.png"):
+        pair_images_and_masks(tmp_path)
+
+
+def test_missing_masks_folder_is_named(tmp_path):
+    _touch_png(tmp_path / "images" / "a.png")
+    with pytest.raises(BundleInputError, match=r"has no 'masks/' folder"):
+        pair_images_and_masks(tmp_path)
+
+
+def test_split_is_deterministic_and_never_empty():
+    pairs = [{"image": f"{i}.png", "label": f"{i}.png"} for i in range(10)]
+    train, val = split_pairs(pairs, 0.2, seed=3)
+    assert (train, val) == split_pairs(list(reversed(pairs)), 0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8
+    assert not {p["image"] for p in train} & {p["image"] for p in val}
+    assert split_pairs(pairs, 0.2, seed=4) != (train, val)
+    # a tiny fraction still keeps one validation pair
+    assert len(split_pairs(pairs[:3], 0.01)[1]) == 1
+
+
+def test_split_refuses_a_single_pair_and_bad_fraction():
+    with pytest.raises(BundleInputError, match="at least 2 are needed"):
+        split_pairs([{"image": "a", "label": "a"}], 0.2)
+    with pytest.raises(BundleInputError, match="val_fraction must be between 0 and 1"):
+        split_pairs([{"image": "a", "label": "a"}] * 3, 1.0)
+
+
+def test_datalist_paths_are_relative_to_dataset_dir(tmp_path):
+    for name in ("a", "b", "c"):
+        _touch_png(tmp_path / "img" / f"{name}.png")
+        _touch_png(tmp_path / "lab" / f"{name}.png")
+    spec = {
+        "training": [{"image": "img/a.png", "label": "lab/a.png"}, {"image": "img/b.png", "label": "lab/b.png"}],
+        "validation": [{"image": "img/c.png", "label": "lab/c.png"}],
+        "test": [{"image": "img/c.png", "label": "lab/c.png"}],
+    }
+    (tmp_path / "list.json").write_text(json.dumps(spec))
+    lists = build_datalists(tmp_path, tmp_path / "list.json")
+    assert lists["validation"] == [{"image": str(tmp_path / "img/c.png"), "label": str(tmp_path / "lab/c.png")}]
+    assert len(lists["training"]) == 2 and len(lists["test"]) == 1
+
+
+def test_datalist_without_validation_is_split(tmp_path):
+    items = []
+    for name in "abcde":
+        items.append({"image": str(_touch_png(tmp_path / f"{name}.png")), "label": str(_touch_png(tmp_path / f"{name}_m.png"))})
+    (tmp_path / "list.json").write_text(json.dumps({"training": items}))
+    lists = build_datalists(tmp_path, tmp_path / "list.json", val_fraction=0.4)
+    assert len(lists["validation"]) == 2 and len(lists["training"]) == 3
+
+
+def test_datalist_errors_name_the_file(tmp_path):
+    with pytest.raises(BundleInputError, match="does not exist"):
+        build_datalists(tmp_path, tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(BundleInputError, match="bad.json.*not valid JSON"):
+        build_datalists(tmp_path, tmp_path / "bad.json")
+    (tmp_path / "gone.json").write_text(json.dumps({"training": [{"image": "x.png", "label": "y.png"}]}))
+    with pytest.raises(BundleInputError, match="x.png.*does not exist"):
+        build_datalists(tmp_path, tmp_path / "gone.json")
+
+
+def test_missing_dataset_dir(tmp_path):
+    with pytest.raises(BundleInputError, match="dataset_dir .* does not exist"):
+        build_datalists(tmp_path / "nope")
+
+
+def test_list_images_skips_unreadable_files(tmp_path, caplog):
+    _touch_png(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "in" / "notes.txt").write_text("ignored")
+    with caplog.at_level("WARNING"):
+        items = list_images(tmp_path / "in")
+    assert items == [{"image": str(tmp_path / "in" / "good.png")}]
+    assert "broken.png" in caplog.text
+
+
+def test_list_images_protects_inputs(tmp_path):
+    _touch_png(tmp_path / "in" / "a.png")
+    _touch_png(tmp_path / "in" / "pred" / "a.png")  # an earlier run's output inside input_dir
+    with pytest.raises(BundleInputError, match="same folder as input_dir"):
+        list_images(tmp_path / "in", tmp_path / "in")
+    assert list_images(tmp_path / "in", tmp_path / "in" / "pred") == [{"image": str(tmp_path / "in" / "a.png")}]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "broken.jpg").write_bytes(b"nope")
+    with pytest.raises(BundleInputError, match="no readable image .* found in input_dir"):
+        list_images(tmp_path / "empty", tmp_path / "out")

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from monai_unet_bundle.errors import EXIT_CODE, BundleInputError, find_input_error, one_line
+
+
+def test_find_input_error_walks_cause_and_context():
+    inner = BundleInputError("mask a.png is bad.")
+    try:
+        try:
+            raise inner
+        except BundleInputError as e:
+            raise RuntimeError("Failed to instantiate component") from e
+    except RuntimeError as outer:
+        assert find_input_error(outer) is inner
+    assert find_input_error(RuntimeError("other")) is None
+    assert find_input_error(None) is None
+
+
+def test_one_line_extracts_sentence_from_worker_traceback():
+    text = (
+        "Caught BundleInputError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nmonai_unet_bundle.errors.BundleInputError: mask m.png holds values 7.\n'
+    )
+    assert one_line(BundleInputError(text)) == "mask m.png holds values 7."
+    assert one_line(BundleInputError("plain sentence.")) == "plain sentence."
+
+
+def test_uncaught_input_error_prints_one_line_and_exits_2():
+    code = (
+        "import monai_unet_bundle\n"
+        "from monai_unet_bundle.errors import BundleInputError\n"
+        "try:\n    raise BundleInputError('setting x is wrong: use y.')\n"
+        "except BundleInputError as e:\n    raise RuntimeError('wrapped') from e\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == EXIT_CODE
+    assert proc.stderr.strip() == "error: setting x is wrong: use y."
+
+
+def test_other_errors_keep_their_traceback():
+    proc = subprocess.run([sys.executable, "-c", "import monai_unet_bundle\nraise KeyError('k')"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "KeyError" in proc.stderr

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import REPO
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), *args], capture_output=True, text=True)
+
+
+def test_make_demo_data_writes_pairs_and_never_overwrites(tmp_path):
+    out = tmp_path / "cells"
+    proc = _run(str(out), "--n_images", "3", "--min_size", "20", "--max_size", "24")
+    assert proc.returncode == 0, proc.stderr
+    images = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in images] == sorted(p.name for p in (out / "masks").glob("*.png"))
+    assert len(images) == 3 and 20 <= min(Image.open(images[0]).size) <= 24
+    assert set(np.unique(np.array(Image.open(out / "masks" / images[0].name)))) <= {0, 255}
+    before = images[0].read_bytes()
+    again = _run(str(out), "--n_images", "3", "--seed", "9")
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    assert images[0].read_bytes() == before
