@@ -1,0 +1,253 @@
+"""Segmentation metrics from confusion matrices, and the evaluation report handler.
+
+Conventions (also in the README):
+
+* A confusion matrix has the ground truth in rows and the prediction in columns.
+* Dice = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN), precision = TP / (TP + FP),
+  recall = TP / (TP + FN), F1 = harmonic mean of precision and recall, support = ground-truth pixels.
+* Empty ground truth: when a class is absent from both the ground truth and the prediction of an
+  image, its Dice and IoU for that image are undefined (NaN) and left out of every mean, as MONAI's
+  ``MeanDice`` does by default; when it is predicted but absent from the ground truth they are 0.
+  A ratio whose denominator is 0 (e.g. precision of a class never predicted) is NaN, shown "n/a".
+* "mean" Dice and IoU average the foreground classes (1..K-1) only; pixel accuracy counts all pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from monai_unet_bundle.errors import BundleInputError
+
+__all__ = ["SegmentationReport", "confusion_matrix", "default_class_names", "scores"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """``["background", "foreground"]`` for binary, else ``["background", "class_1", ...]``."""
+    if num_classes == 2:
+        return ["background", "foreground"]
+    return ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+
+
+def confusion_matrix(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
+    """``(K, K)`` pixel counts: row = true class, column = predicted class.
+
+    Args:
+        pred: class-index map.
+        truth: class-index map of the same shape.
+        num_classes: K.
+    """
+    p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred).astype(np.int64).ravel()
+    t = np.asarray(truth.detach().cpu() if isinstance(truth, torch.Tensor) else truth).astype(np.int64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"prediction has {p.size} pixels but ground truth has {t.size}")
+    if p.size and (min(p.min(), t.min()) < 0 or max(p.max(), t.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in 0..{num_classes - 1}")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def scores(cm: np.ndarray) -> dict[str, Any]:
+    """Per-class and mean scores from a confusion matrix (see the module docstring for conventions).
+
+    Returns:
+        dict with per-class lists ``dice``, ``iou``, ``precision``, ``recall``, ``f1``, ``support``,
+        and ``mean_dice``, ``mean_iou`` (foreground classes), ``accuracy``.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    dice = _ratio(2 * tp, 2 * tp + fp + fn)
+    iou = _ratio(tp, tp + fp + fn)
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    f1 = np.where(np.isnan(precision) | np.isnan(recall), np.nan, np.nan_to_num(f1, nan=0.0))
+    total = cm.sum()
+    return {
+        "dice": dice.tolist(),
+        "iou": iou.tolist(),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": cm.sum(axis=1).astype(np.int64).tolist(),
+        "mean_dice": _nanmean(dice[1:]),
+        "mean_iou": _nanmean(iou[1:]),
+        "accuracy": float(tp.sum() / total) if total else math.nan,
+    }
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _fmt6(value: float) -> str:
+    return _fmt(value, 6)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _to_index(x: torch.Tensor) -> torch.Tensor:
+    """One-hot ``(C, H, W)`` -> ``(H, W)`` indices; a one-channel index map is squeezed."""
+    return x.argmax(0) if x.shape[0] > 1 else x[0]
+
+
+def _filename(item: dict) -> str:
+    for key in ("image", "label"):
+        meta = getattr(item.get(key), "meta", None) or {}
+        if meta.get("filename_or_obj"):
+            return str(meta["filename_or_obj"])
+    return "<unknown>"
+
+
+class SegmentationReport:
+    """Ignite handler writing per-image metrics, a summary and a readable report after an evaluation.
+
+    It reads ``pred`` and ``label`` (one-hot or index maps, per decollated item) from
+    ``engine.state.output`` each iteration and, when the run completes, writes into ``output_dir``:
+    ``metrics_per_image.csv`` (one row per image: per-class Dice and IoU, mean foreground Dice and
+    IoU, pixel accuracy), ``metrics_summary.json`` (means over images, and data-set-level scores and
+    the confusion matrix from all pixels) and ``metrics_report.md`` (the same as tables).
+
+    Args:
+        output_dir: folder for the three files (created when missing).
+        num_classes: classes including background.
+        class_names: one name per class; defaults to :func:`default_class_names`.
+        output_transform: maps ``engine.state.output`` to a list of dicts with ``pred`` and ``label``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        output_transform: Callable[[Any], list[dict]] = lambda output: output,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else default_class_names(self.num_classes)
+        if len(self.class_names) != self.num_classes:
+            raise BundleInputError(
+                f"class_names has {len(self.class_names)} names but num_classes={self.num_classes}: pass "
+                f"--class_names with {self.num_classes} names, background first."
+            )
+        self.output_transform = output_transform
+        self.rows: list[tuple[str, np.ndarray]] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Collect on every iteration, write on completion."""
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget what earlier runs collected."""
+        self.rows = []
+
+    def collect(self, engine: Engine) -> None:
+        """Add one confusion matrix per image of the current batch."""
+        for item in self.output_transform(engine.state.output):
+            cm = confusion_matrix(_to_index(item["pred"]), _to_index(item["label"]), self.num_classes)
+            self.rows.append((_filename(item), cm))
+
+    def summary(self) -> dict[str, Any]:
+        """Means over images and data-set-level scores of everything collected."""
+        per_image = [scores(cm) for _, cm in self.rows]
+        total = sum((cm for _, cm in self.rows), np.zeros((self.num_classes,) * 2, dtype=np.int64))
+        overall = scores(total)
+        return {
+            "images": len(self.rows),
+            "class_names": self.class_names,
+            "mean_over_images": {
+                "mean_dice": _nanmean(np.array([s["mean_dice"] for s in per_image], dtype=float)),
+                "mean_iou": _nanmean(np.array([s["mean_iou"] for s in per_image], dtype=float)),
+                "accuracy": _nanmean(np.array([s["accuracy"] for s in per_image], dtype=float)),
+                "dice": [_nanmean(np.array([s["dice"][c] for s in per_image], dtype=float)) for c in range(self.num_classes)],
+                "iou": [_nanmean(np.array([s["iou"][c] for s in per_image], dtype=float)) for c in range(self.num_classes)],
+            },
+            "all_pixels": overall,
+            "confusion_matrix": total.tolist(),
+        }
+
+    def write(self, engine: Engine | None = None) -> dict[str, Any]:
+        """Write the CSV, JSON and Markdown files; returns the summary."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        names = self.class_names
+        with open(self.output_dir / "metrics_per_image.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                ["filename", *(f"dice_{n}" for n in names), *(f"iou_{n}" for n in names), "mean_dice", "mean_iou", "accuracy"]
+            )
+            for name, cm in self.rows:
+                s = scores(cm)
+                values = [*s["dice"], *s["iou"], s["mean_dice"], s["mean_iou"], s["accuracy"]]
+                writer.writerow([name, *map(_fmt6, values)])
+        summary = self.summary()
+        (self.output_dir / "metrics_summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
+        (self.output_dir / "metrics_report.md").write_text(self.markdown(summary))
+        logger.info(
+            "evaluation of %d images: mean foreground Dice %s (mean over images), written to %s",
+            summary["images"], _fmt(summary["mean_over_images"]["mean_dice"]), self.output_dir,
+        )
+        return summary
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        """The report as Markdown tables."""
+        names, s, m = self.class_names, summary["all_pixels"], summary["mean_over_images"]
+        lines = [
+            "# Segmentation report",
+            "",
+            f"Images: {summary['images']}. Mean foreground Dice over images: {_fmt(m['mean_dice'])}; "
+            f"mean foreground IoU over images: {_fmt(m['mean_iou'])}; pixel accuracy: {_fmt(s['accuracy'])}.",
+            "",
+            "## Per class (all pixels of all images)",
+            "",
+            "| class | Dice | IoU | precision | recall | F1 | support |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c, name in enumerate(names):
+            lines.append(
+                f"| {name} | {_fmt(s['dice'][c])} | {_fmt(s['iou'][c])} | {_fmt(s['precision'][c])} | "
+                f"{_fmt(s['recall'][c])} | {_fmt(s['f1'][c])} | {s['support'][c]} |"
+            )
+        lines += ["", "## Confusion matrix (rows: ground truth, columns: prediction; pixels)", ""]
+        lines.append("| | " + " | ".join(names) + " |")
+        lines.append("|---" * (len(names) + 1) + "|")
+        for name, row in zip(names, summary["confusion_matrix"]):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+        lines += [
+            "",
+            "Dice and IoU of a class absent from both the ground truth and the prediction of an image are "
+            "left out of that image's means; n/a marks a ratio with a zero denominator.",
+            "",
+        ]
+        return "\n".join(lines)
