@@ -2,6 +2,8 @@
 
 * :class:`EnsureChannelsd` converts grayscale, grayscale+alpha, RGB and RGBA images to the bundle's
   ``in_channels`` (1 or 3), so a folder that mixes them trains.
+* :class:`ReloadLabeld` reads a mask again from its file at the original size, so evaluation scores
+  predictions mapped back to the original size against the untouched ground truth.
 * :class:`MaskToIndexd` turns a mask into a one-channel class-index map (0..num_classes-1), accepting
   binary masks saved 0/1 or 0/255 and refusing values that map to no class, naming the file.
 """
@@ -14,11 +16,12 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.readers import Image2DReader
 
-__all__ = ["EnsureChannelsd", "MaskToIndexd", "source_name"]
+__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "source_name"]
 
 # ITU-R BT.601 luma weights, as PIL uses for RGB -> L
 _LUMA = (0.299, 0.587, 0.114)
@@ -134,4 +137,31 @@ class MaskToIndexd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.convert(d[key])
+        return d
+
+
+class ReloadLabeld(MapTransform):
+    """Replace each mask by the same file read again at its original size, as a class-index map.
+
+    The file is the one the mask was loaded from (``meta["filename_or_obj"]``); it goes through
+    the same reader and :class:`MaskToIndexd` as in training, so values mean the same.
+
+    Args:
+        keys: keys of the masks.
+        num_classes: classes including background.
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.load = LoadImage(reader=Image2DReader, image_only=True, ensure_channel_first=True)
+        self.to_index = MaskToIndexd(keys, num_classes)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            name = source_name(d[key])
+            if name == "<unknown file>":
+                raise ValueError(f"cannot reload {key!r}: it carries no file name in its metadata")
+            d[key] = self.to_index.convert(self.load(name))
         return d
