@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -49,19 +50,23 @@ def test_demo_data_is_created_when_no_dataset_is_given(tmp_path: Path):
 
 def test_evaluation_writes_per_image_metrics_and_summary(trained_bundle: Path, tmp_path: Path):
     out = tmp_path / "eval"
-    run_bundle(
+    proc = run_bundle(
         "--config_file", config("train.json", "evaluate.json"), "--bundle_root", str(trained_bundle),
         "--dataset_dir", str(trained_bundle / "data"), "--output_dir", str(out), *TINY,
     )
-    with open(out / "val_mean_dice_raw.csv") as f:
+    with open(out / "metrics_per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # 20% of 8 pairs, the same split as training
     assert all(Path(r["filename"]).parent.name == "images" for r in rows)
-    dice = [float(r["mean"]) for r in rows]
-    assert all(0.0 <= d <= 1.0 for d in dice)
-    summary = dict(csv.reader(open(out / "metrics.csv")))
-    assert float(summary["val_mean_dice"]) == pytest.approx(sum(dice) / len(dice), abs=1e-4)
-    assert (out / "val_mean_dice_summary.csv").is_file()
+    dice = [float(r["dice_foreground"]) for r in rows if r["dice_foreground"] != "n/a"]
+    assert dice and all(0.0 <= d <= 1.0 for d in dice)
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    assert summary["class_names"] == ["background", "foreground"]
+    assert summary["mean_over_images"]["mean_dice"] == pytest.approx(sum(dice) / len(dice), abs=1e-5)
+    # MONAI's MeanDice (the key metric) agrees with the report: both at the original image size
+    logged = [line for line in (proc.stdout + proc.stderr).splitlines() if "Metrics -- val_mean_dice:" in line]
+    assert logged and float(logged[-1].rsplit(":", 1)[1]) == pytest.approx(sum(dice) / len(dice), abs=1e-4)
+    assert "| foreground |" in (out / "metrics_report.md").read_text()
 
 
 def test_evaluation_without_a_model_says_so(tmp_path: Path, tiny_dataset: Path):

@@ -25,3 +25,25 @@ def test_make_demo_data_writes_pairs_and_never_overwrites(tmp_path):
     again = _run(str(out), "--n_images", "3", "--seed", "9")
     assert again.returncode == 2 and "is not empty" in again.stderr
     assert images[0].read_bytes() == before
+
+
+def test_configure_classes_updates_metadata_and_both_configs(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    script = str(REPO / "scripts" / "configure_classes.py")
+    proc = subprocess.run(
+        [sys.executable, script, "background", "liver", "tumour", "--in_channels", "1", "--bundle_root", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "background", "1": "liver", "2": "tumour"} and pred["num_channels"] == 3
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    for name in ("train.json", "inference.json"):
+        config = json.loads((tmp_path / "configs" / name).read_text())
+        assert (config["num_classes"], config["class_names"], config["in_channels"]) == (3, ["background", "liver", "tumour"], 1)
+    bad = subprocess.run([sys.executable, script, "only", "--bundle_root", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "at least two distinct class names" in bad.stderr
