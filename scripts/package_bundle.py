@@ -1,0 +1,204 @@
+"""Write a distributable copy of the bundle (a folder and its zip), as the MONAI model zoo ships bundles.
+
+The folder ``OUT_DIR/NAME/`` holds ``configs/`` (every ``*.json`` plus ``logging.conf``), ``docs/``,
+``LICENSE``, ``README.md``, ``models/model.pt`` when weights are given or present, and a copy of the
+``monai_unet_bundle`` package.  The package sits at the bundle root because MONAI Label puts the
+bundle folder first on ``sys.path`` before it parses the configs, and ``python -m monai.bundle run``
+run from inside the folder finds it on the current directory: either way the configs' imports work
+without installing anything.  ``OUT_DIR/NAME_vVERSION.zip`` holds the same folder (``NAME/...``) with
+the version from ``configs/metadata.json``, the layout ``monai.bundle download`` unpacks.
+
+    python scripts/package_bundle.py dist                              # dist/unet2d_segmentation/ + zip
+    python scripts/package_bundle.py dist --weights runs/best/model.pt --force
+    python scripts/package_bundle.py dist --no_weights                 # configs and code only
+    python scripts/package_bundle.py ~/apps/monaibundle/model          # ready for MONAI Label's monaibundle app
+
+Without ``--weights`` or ``--no_weights`` the repository's ``models/model.pt`` is shipped when it exists.
+
+MONAI Label infers the task from the folder name, so NAME must contain ``segmentation``.  An
+existing non-empty output folder (or zip) is never overwritten unless ``--force`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+#: the repository root, which is the bundle root the copy is made from
+REPO = Path(__file__).resolve().parents[1]
+#: the folder name MONAI Label sees; "segmentation" in it makes MONAI Label treat the model as a segmentation model
+DEFAULT_NAME = "unet2d_segmentation"
+#: the Python package the configs import
+PACKAGE = "monai_unet_bundle"
+#: files that never belong in a distributed bundle
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
+EXIT_USAGE = 2
+
+
+class PackagingError(Exception):
+    """A problem with the command line or the source tree, explained in one sentence."""
+
+
+def _is_nonempty(path: Path) -> bool:
+    """Whether ``path`` exists and is anything but an empty folder."""
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists()
+
+
+def bundle_version(source: Path = REPO) -> str:
+    """Return ``version`` from ``source/configs/metadata.json``.
+
+    Raises:
+        PackagingError: when the file is missing, not JSON, or has no version.
+    """
+    meta_file = source / "configs" / "metadata.json"
+    try:
+        version = json.loads(meta_file.read_text()).get("version")
+    except (OSError, ValueError) as exc:
+        raise PackagingError(f"cannot read the bundle version from {meta_file} ({exc}).") from None
+    if not version:
+        raise PackagingError(f"{meta_file} has no 'version': add one such as \"0.1.0\".")
+    return str(version)
+
+
+def check_weights(weights: Path) -> None:
+    """Check that ``weights`` is a plain state dict (tensor per parameter name), as MONAI Label loads it.
+
+    Raises:
+        PackagingError: when the file is missing, unreadable, or holds something else.
+    """
+    if not weights.is_file():
+        raise PackagingError(f"--weights {str(weights)!r} does not exist: pass the path of a model.pt written by training.")
+    import torch
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means the file cannot be shipped
+        raise PackagingError(f"--weights {str(weights)!r} cannot be read by torch.load ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PackagingError(
+            f"--weights {str(weights)!r} is not a plain state dict of network_def (name -> tensor), which MONAI Label expects."
+        )
+
+
+def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
+    """Copy the bundle's distributable files from ``source`` into the empty or new folder ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    configs = dest / "configs"
+    configs.mkdir()
+    for path in sorted((source / "configs").iterdir()):
+        if path.is_file() and (path.suffix == ".json" or path.name == "logging.conf"):
+            shutil.copy2(path, configs / path.name)
+    if (source / "docs").is_dir():
+        shutil.copytree(source / "docs", dest / "docs", ignore=IGNORED)
+    for name in ("LICENSE", "README.md"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+    shutil.copytree(source / PACKAGE, dest / PACKAGE, ignore=IGNORED)
+    if weights is not None:
+        (dest / "models").mkdir()
+        shutil.copy2(weights, dest / "models" / "model.pt")
+
+
+def write_zip(folder: Path, zip_path: Path) -> None:
+    """Zip ``folder`` so that every entry starts with ``folder.name/``, as model-zoo zips do."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, Path(folder.name) / path.relative_to(folder))
+
+
+def package_bundle(
+    out_dir: Path, name: str = DEFAULT_NAME, weights: Path | None = None, force: bool = False, source: Path = REPO
+) -> tuple[Path, Path]:
+    """Write ``out_dir/name/`` and ``out_dir/name_vVERSION.zip``.
+
+    The folder is assembled in a temporary sibling and renamed into place, so an interrupted run
+    never leaves a half-written bundle behind.
+
+    Args:
+        out_dir: folder that receives the bundle folder and the zip (created when missing).
+        name: bundle folder name; must contain ``segmentation`` and be a plain folder name.
+        weights: ``model.pt`` to ship as ``models/model.pt``; ``None`` ships no weights.
+        force: replace an existing bundle folder and zip of the same name.
+        source: bundle root to copy from (the repository by default).
+
+    Returns:
+        ``(folder, zip_path)``.
+
+    Raises:
+        PackagingError: on a bad name, unreadable weights, or an existing output without ``force``.
+    """
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise PackagingError(f"--name {name!r} must be a plain folder name such as {DEFAULT_NAME!r}.")
+    if "segmentation" not in name.lower():
+        raise PackagingError(
+            f"--name {name!r} must contain 'segmentation' because MONAI Label infers the task from the folder name; "
+            f"use e.g. {DEFAULT_NAME!r}."
+        )
+    if weights is not None:
+        check_weights(weights)
+    version = bundle_version(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder, zip_path = out_dir / name, out_dir / f"{name}_v{version}.zip"
+    if not force:
+        for path in (folder, zip_path):
+            if _is_nonempty(path):
+                raise PackagingError(f"{path} already exists and is not empty: choose another output folder or pass --force.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
+    try:
+        staged = tmp / name
+        copy_bundle(staged, weights, source)
+        staged_zip = tmp / zip_path.name
+        write_zip(staged, staged_zip)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        elif folder.exists() or folder.is_symlink():
+            folder.unlink()
+        os.replace(staged, folder)
+        os.replace(staged_zip, zip_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, zip_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and write the bundle; returns the exit status (2 for a usage problem)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder that receives NAME/ and NAME_vVERSION.zip")
+    parser.add_argument(
+        "--name", default=DEFAULT_NAME, help=f"bundle folder name, must contain 'segmentation' (default {DEFAULT_NAME})"
+    )
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="model.pt to ship as models/model.pt (default: the repository's models/model.pt when present, else none)",
+    )
+    weights.add_argument("--no_weights", action="store_true", help="ship no models/model.pt even when the repository has one")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle folder and zip of the same name")
+    args = parser.parse_args(argv)
+    weights = args.weights
+    if weights is None and not args.no_weights and (REPO / "models" / "model.pt").is_file():
+        weights = REPO / "models" / "model.pt"
+    try:
+        folder, zip_path = package_bundle(args.out_dir, args.name, weights, args.force)
+    except PackagingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    shipped = "with models/model.pt" if weights is not None else "without weights (no models/model.pt)"
+    print(f"wrote {folder} ({shipped}) and {zip_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

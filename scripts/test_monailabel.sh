@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Import the bundle into the real MONAI Label 0.8.5 and test it, in a virtual environment of its own
+# where this project is NOT installed (the packaged bundle must carry monai_unet_bundle itself).
+#
+#   bash scripts/test_monailabel.sh [VENV_DIR]     # default VENV_DIR: .venv-label in the repository root
+#
+# The venv is created when missing and reused otherwise (pip then only checks the pins).
+# The bundle's runtime dependencies come from pyproject.toml, so a dependency missing there fails here.
+# Why monailabel goes in as it does: monailabel 0.8.5 accepts monai 1.6.1, but installing it
+# with its dependencies pulls a CUDA torch and numpy<2; so monailabel (and pydicom-seg, which pins
+# numpy<2 without needing it here) go in with --no-deps, followed by the modules it imports at
+# run time. torch==2.13.0 is named in every step so pip keeps the CPU build from local disk.
+# No torchvision build works with torch 2.13.0 here: tests/monailabel/conftest.py provides a stand-in.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$PWD"
+VENV="${1:-.venv-label}"
+case "$VENV" in /*) ;; *) VENV="$REPO/$VENV" ;; esac
+PY="$VENV/bin/python"
+
+start=$SECONDS
+if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+    # keep the venv out of git without touching .gitignore (Python 3.13's venv does the same)
+    printf '*\n' > "$VENV/.gitignore"
+fi
+# the bundle's own runtime dependencies, read from pyproject.toml so this venv follows them (the project
+# itself is not installed); jsonschema is left to the monailabel step below, which needs jsonschema<4
+mapfile -t DEPS < <("$PY" -c '
+import tomllib
+for dep in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+    if not dep.lower().startswith("jsonschema"):
+        print(dep)
+')
+"$PY" -m pip install --quiet --disable-pip-version-check \
+    "torch==2.13.0" "monai==1.6.1" "pytorch-ignite==0.5.5" "${DEPS[@]}" pytest
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "monailabel==0.8.5" "pydicom-seg==0.4.1"
+"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0" \
+    expiring_dict expiringdict pydantic pydantic-settings python-dotenv itk pynrrd scikit-image shapely requests \
+    requests-toolbelt schedule timeloop cachetools watchdog girder-client psutil fastapi uvicorn python-multipart \
+    pyjwt passlib bcrypt "dicomweb-client[gcp]==0.59.1" "pydicom==2.4.4" "jsonschema<4" simpleitk
+echo "monailabel venv ready in $((SECONDS - start)) s: $VENV"
+
+# Run from tests/monailabel with it as rootdir and confcutdir and no ini file: the repository root is
+# then not on sys.path, tests/conftest.py (which imports the installed project) is not loaded, and
+# the test itself asserts that monai_unet_bundle cannot be imported before it packages the bundle.
+cd "$REPO/tests/monailabel"
+if env -u PYTHONPATH "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("monai_unet_bundle") is None)'; then
+    echo "error: monai_unet_bundle is importable in $VENV; use a venv without the project installed." >&2
+    exit 2
+fi
+start=$SECONDS
+status=0
+env -u PYTHONPATH MONAI_UNET_BUNDLE_REQUIRE_MONAILABEL=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" \
+    "$PY" -m pytest -p no:cacheprovider -c /dev/null --rootdir . --confcutdir . -m monailabel -ra \
+    -W ignore::DeprecationWarning -W ignore::FutureWarning . || status=$?
+echo "monailabel tests finished in $((SECONDS - start)) s (exit status $status)"
+exit "$status"
