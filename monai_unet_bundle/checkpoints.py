@@ -1,12 +1,35 @@
-"""Checkpoint files: finding them with a clear message when they are missing."""
+"""Checkpoint files: atomic writes, the best model, and a resume checkpoint.
+
+* :func:`atomic_save` writes to a temporary file in the target folder, flushes it to disk and
+  renames it over the target, so a kill at any moment leaves either the old file or the new one,
+  never a truncated one.  (MONAI's ``CheckpointSaver`` writes in place and deletes the previous best
+  model before writing the next, which a kill can turn into a truncated or missing ``model.pt``.)
+* :class:`BestModelSaver` keeps ``models/model.pt`` (a plain state dict of the network) at the best
+  validation score, and remembers that score across resumes.
+* :class:`ResumeCheckpoint` saves everything a run needs to continue (network, optimizer, LR
+  scheduler, epoch and iteration, early stopping, best score, curves) after every epoch, and loads
+  it when a run starts.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["require_checkpoint"]
+__all__ = ["BestModelSaver", "ResumeCheckpoint", "atomic_save", "require_checkpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 def require_checkpoint(path: str | Path) -> str:
@@ -20,3 +43,127 @@ def require_checkpoint(path: str | Path) -> str:
             f"no trained model at {str(path)!r}: run configs/train.json first, or pass --ckpt_path with a model.pt."
         )
     return str(path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class BestModelSaver:
+    """Save the network's state dict whenever the validation score beats the best so far.
+
+    Attach it to the evaluator.  Only rank 0 writes in a distributed run.
+
+    Args:
+        network: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        save_path: where the state dict goes, e.g. ``models/model.pt``.
+        metric_name: the evaluator metric to maximise.
+    """
+
+    def __init__(self, network: torch.nn.Module, save_path: str | Path, metric_name: str = "val_mean_dice") -> None:
+        self.network = network
+        self.save_path = Path(save_path)
+        self.metric_name = metric_name
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Check the score after every evaluation."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        score = float(engine.state.metrics[self.metric_name])
+        if math.isnan(score) or score <= self.best_metric:
+            return
+        self.best_metric, self.best_epoch = score, int(engine.state.epoch)
+        if idist.get_rank() == 0:
+            net = getattr(self.network, "module", self.network)
+            atomic_save(net.state_dict(), self.save_path)
+            logger.info("saved the best model so far (%s %.4f, epoch %d) to %s", self.metric_name, score, self.best_epoch, self.save_path)
+
+    def state_dict(self) -> dict[str, float | int]:
+        """The best score and its epoch."""
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the best score and its epoch."""
+        self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class ResumeCheckpoint:
+    """Save a resume checkpoint after every epoch and load it when training starts.
+
+    Args:
+        path: the checkpoint file, e.g. ``models/resume.pt`` (never ``model.pt``).
+        objects: name -> object with ``state_dict``/``load_state_dict`` (network, optimizer, LR
+            scheduler, early stopping, best-model saver, curves ...).
+        resume: ``"auto"`` continues an unfinished run when the file exists and starts afresh
+            otherwise (also after a run that finished); ``True`` requires the file; ``False``
+            always starts afresh.
+
+    Raises:
+        BundleInputError: for a ``resume`` value that is not ``auto``/``true``/``false``, or
+            ``resume=True`` with no checkpoint.
+    """
+
+    def __init__(self, path: str | Path, objects: Mapping[str, Any], resume: bool | str = "auto") -> None:
+        normalised = str(resume).strip().lower()
+        if normalised not in ("auto", "true", "false"):
+            raise BundleInputError(f"resume must be auto, true or false, got {resume!r}.")
+        self.path = Path(path)
+        self.objects = dict(objects)
+        self.resume = normalised
+
+    def attach(self, engine: Engine) -> None:
+        """Load on ``STARTED`` (before the first epoch), save on every ``EPOCH_COMPLETED`` and at the end."""
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save, finished=True)
+
+    def save(self, engine: Engine, finished: bool = False) -> None:
+        """Write the checkpoint atomically (rank 0 only)."""
+        if idist.get_rank() != 0:
+            return
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state["trainer"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration), "finished": finished}
+        atomic_save(state, self.path)
+
+    def load(self, engine: Engine) -> None:
+        """Restore every object and the trainer's epoch and iteration from the checkpoint, if one applies."""
+        if self.resume == "false":
+            return
+        if not self.path.is_file():
+            if self.resume == "true":
+                raise BundleInputError(f"resume is true but there is no resume checkpoint at {str(self.path)!r}.")
+            return
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BundleInputError(
+                f"the resume checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}); delete it or pass --resume false."
+            ) from None
+        progress = state.get("trainer", {})
+        if progress.get("finished") and self.resume == "auto":
+            logger.info("%s belongs to a finished run: starting a new run (pass --resume true to continue it)", self.path)
+            return
+        for name, obj in self.objects.items():
+            if name in state:
+                obj.load_state_dict(state[name])
+        epoch, iteration = int(progress.get("epoch", 0)), int(progress.get("iteration", 0))
+        if epoch >= engine.state.max_epochs:
+            logger.info("the resumed run already reached epoch %d of max_epochs %d", epoch, engine.state.max_epochs)
+        engine.state.epoch, engine.state.iteration = epoch, iteration
+        logger.info("resumed from %s at epoch %d (iteration %d)", self.path, epoch, iteration)

@@ -1,0 +1,203 @@
+"""Learning curves and validation previews, written after every validation.
+
+* :class:`TrainingCurves` keeps one row per validation (epoch, mean training loss of the epoch,
+  learning rate, every validation metric) and rewrites ``curves.csv`` and ``curves.png`` each time.
+  Its rows are part of the resume checkpoint, so a resumed run continues the same curves.
+* :class:`ValidationPreviews` saves, for the first few validation images, the image, the ground
+  truth and the prediction side by side (``previews/epoch_XXXX.png``), and sends the same picture
+  to TensorBoard when a log folder is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+__all__ = ["TrainingCurves", "ValidationPreviews", "overlay", "preview_strip"]
+
+logger = logging.getLogger(__name__)
+
+#: RGB colour per class for overlays (class 0 is never drawn)
+PALETTE = np.array(
+    [[0, 0, 0], [255, 64, 64], [64, 200, 64], [64, 96, 255], [255, 210, 40], [220, 80, 230], [40, 220, 230]], dtype=np.uint8
+)
+
+
+class TrainingCurves:
+    """Collect the training loss per epoch and the validation metrics; write CSV and PNG.
+
+    Attach it to the trainer; it also listens to ``evaluator``.  Only rank 0 writes files.
+
+    Args:
+        output_dir: folder for ``curves.csv`` and ``curves.png``.
+        optimizer: read for the learning rate of each row (optional).
+        evaluator: the validation engine whose metrics make the rows.
+    """
+
+    def __init__(
+        self, output_dir: str | Path, optimizer: torch.optim.Optimizer | None = None, evaluator: Engine | None = None
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.optimizer = optimizer
+        self.evaluator = evaluator
+        self.rows: list[dict[str, float]] = []
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    def attach(self, trainer: Engine) -> None:
+        """Sum the loss on the trainer's iterations; add a row after each evaluation."""
+        if self.evaluator is None:
+            raise RuntimeError("TrainingCurves needs the evaluator")
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_loss)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._add_loss)
+        self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.add_row)
+
+    def _reset_loss(self, engine: Engine) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    def _add_loss(self, engine: Engine) -> None:
+        output = engine.state.output
+        loss = output[0]["loss"] if isinstance(output, list) else output["loss"] if isinstance(output, Mapping) else output
+        self._loss_sum += float(loss)
+        self._loss_count += 1
+
+    def add_row(self, evaluator: Engine) -> None:
+        """Record the epoch's numbers and rewrite the files."""
+        row: dict[str, float] = {"epoch": int(evaluator.state.epoch)}
+        row["train_loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
+        if self.optimizer is not None:
+            row["learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        for name, value in evaluator.state.metrics.items():
+            if np.ndim(value) == 0:
+                row[name] = float(value)
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        if idist.get_rank() == 0:
+            self.write()
+
+    def write(self) -> None:
+        """Write ``curves.csv`` and ``curves.png`` from the rows."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.output_dir / ".curves.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.output_dir / "curves.csv")
+        self._plot(columns)
+
+    def _plot(self, columns: Sequence[str]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.rows]
+        metrics = [c for c in columns if c not in ("epoch", "train_loss", "learning_rate")]
+        fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_loss.plot(epochs, [r["train_loss"] for r in self.rows], marker="o", label="training loss")
+        ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
+        for name in metrics:
+            ax_metric.plot(epochs, [r.get(name, np.nan) for r in self.rows], marker="o", label=name)
+        ax_metric.set(xlabel="epoch", title="validation", ylim=(0, 1.02))
+        for ax in (ax_loss, ax_metric):
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        fig.tight_layout()
+        tmp = self.output_dir / ".curves.png.tmp"
+        fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+        os.replace(tmp, self.output_dir / "curves.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far."""
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the rows of a resumed run."""
+        self.rows = [dict(r) for r in state["rows"]]
+
+
+def _to_uint8_rgb(image: torch.Tensor) -> np.ndarray:
+    """``(C, H, W)`` image in [0, 1] (MONAI's axis order: first spatial axis is the PIL width) -> ``(H, W, 3)``."""
+    arr = np.asarray(image.detach().cpu().float())
+    arr = np.repeat(arr[:1], 3, axis=0) if arr.shape[0] == 1 else arr[:3]
+    return (np.clip(arr, 0, 1) * 255).astype(np.uint8).transpose(2, 1, 0)
+
+
+def _to_index(mask: torch.Tensor) -> np.ndarray:
+    m = mask.detach().cpu()
+    m = m.argmax(0) if m.shape[0] > 1 else m[0]
+    return np.asarray(m, dtype=np.int64).T
+
+
+def overlay(rgb: np.ndarray, index: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend class colours (:data:`PALETTE`) into ``rgb`` where ``index`` is not background."""
+    colours = PALETTE[np.clip(index, 0, len(PALETTE) - 1)]
+    out = rgb.astype(np.float32)
+    fg = index > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    return out.astype(np.uint8)
+
+
+def preview_strip(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
+    """Image | ground truth over image | prediction over image, as one ``(H, 3W + 8, 3)`` array."""
+    rgb = _to_uint8_rgb(image)
+    gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([rgb, gap, overlay(rgb, _to_index(label)), gap, overlay(rgb, _to_index(pred))], axis=1)
+
+
+class ValidationPreviews:
+    """Save side-by-side previews of the first ``num_images`` validation images after each validation.
+
+    Args:
+        output_dir: folder for ``epoch_XXXX.png`` files.
+        num_images: how many images per validation.
+        log_dir: when given, also add the picture to TensorBoard there (tag ``val_preview``).
+    """
+
+    def __init__(self, output_dir: str | Path, num_images: int = 4, log_dir: str | Path | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_images = int(num_images)
+        self.log_dir = log_dir
+        self._strips: list[np.ndarray] = []
+        self._writer = None
+
+    def attach(self, engine: Engine) -> None:
+        """Collect on iterations, write when the evaluation epoch completes."""
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._strips.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def collect(self, engine: Engine) -> None:
+        """Keep strips until ``num_images`` are held."""
+        for item in engine.state.output:
+            if len(self._strips) >= self.num_images:
+                return
+            self._strips.append(preview_strip(item["image"], item["label"], item["pred"]))
+
+    def write(self, engine: Engine) -> None:
+        """Stack the strips into one picture and save it (rank 0 only)."""
+        if not self._strips or idist.get_rank() != 0:
+            return
+        width = max(s.shape[1] for s in self._strips)
+        padded = [np.pad(s, ((0, 4), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in self._strips]
+        picture = np.concatenate(padded, axis=0)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(self.output_dir / f"epoch_{int(engine.state.epoch):04d}.png")
+        if self.log_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer.add_image("val_preview", picture, int(engine.state.epoch), dataformats="HWC")
+            self._writer.flush()

@@ -1,0 +1,74 @@
+"""Learning-rate schedules chosen by name, and the handler that steps them.
+
+``cosine`` (default) decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
+by ten after ``patience`` validations without a better score; ``step`` halves it every
+``max(1, max_epochs // 4)`` epochs; ``constant`` keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from ignite.engine import Engine, Events
+
+from monai_unet_bundle.errors import BundleInputError
+
+__all__ = ["SCHEDULES", "LrScheduleStepper", "build_scheduler"]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "plateau", "step", "constant")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int, patience: int = 5):
+    """Build the schedule called ``name`` for ``optimizer``.
+
+    Raises:
+        BundleInputError: for a name not in :data:`SCHEDULES`.
+    """
+    if name == "cosine":
+        lr = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)), eta_min=lr * 0.01)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=patience)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(max_epochs) // 4), gamma=0.5)
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    raise BundleInputError(f"lr_schedule {name!r} is not supported: use one of {', '.join(SCHEDULES)}.")
+
+
+class LrScheduleStepper:
+    """Step a schedule once per epoch; a plateau schedule steps with the validation score instead.
+
+    Attach it to the trainer.
+
+    Args:
+        scheduler: from :func:`build_scheduler`.
+        evaluator: the validation engine a plateau schedule listens to.
+        metric_name: the evaluator metric a plateau schedule watches.
+    """
+
+    def __init__(self, scheduler, evaluator: Engine | None = None, metric_name: str = "val_mean_dice") -> None:
+        self.scheduler = scheduler
+        self.evaluator = evaluator
+        self.metric_name = metric_name
+        self.on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def attach(self, trainer: Engine) -> None:
+        """Epoch schedules step on the trainer, plateau schedules after each evaluation."""
+        if self.on_metric:
+            if self.evaluator is None:
+                raise RuntimeError("a plateau schedule needs the evaluator")
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._step_on_metric)
+        else:
+            trainer.add_event_handler(Events.EPOCH_COMPLETED, self._step)
+
+    def _step(self, engine: Engine) -> None:
+        self.scheduler.step()
+        logger.info("learning rate %.3g", self.scheduler.optimizer.param_groups[0]["lr"])
+
+    def _step_on_metric(self, engine: Engine) -> None:
+        self.scheduler.step(float(engine.state.metrics[self.metric_name]))
+        logger.info("learning rate %.3g", self.scheduler.optimizer.param_groups[0]["lr"])

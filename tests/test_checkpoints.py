@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from monai_unet_bundle.checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, require_checkpoint
+from monai_unet_bundle.errors import BundleInputError
+
+
+def test_atomic_save_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "m" / "model.pt"
+    atomic_save({"a": torch.ones(2)}, target)
+    atomic_save({"a": torch.zeros(3)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(3))
+    assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
+    assert oct(target.stat().st_mode & 0o777) == "0o644"
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "model.pt"
+    atomic_save({"a": torch.ones(1)}, target)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"x": Unpicklable()}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_require_checkpoint(tmp_path):
+    with pytest.raises(BundleInputError, match="no trained model at .*run configs/train.json first"):
+        require_checkpoint(tmp_path / "model.pt")
+
+
+def _evaluator(scores):
+    """An engine whose epoch e reports scores[e-1] as val_mean_dice."""
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED(before=0) | Events.EPOCH_COMPLETED)
+    def _metric(e):
+        e.state.metrics["val_mean_dice"] = scores[e.state.epoch - 1]
+
+    return engine
+
+
+def test_best_model_saver_keeps_the_best_and_resumes_its_score(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    saver = BestModelSaver(net, tmp_path / "model.pt")
+    engine = _evaluator([0.5, 0.7, 0.6, float("nan")])
+    saver.attach(engine)
+    for i, epoch_weights in enumerate([1.0, 2.0, 3.0, 4.0]):
+        torch.nn.init.constant_(net.weight, epoch_weights)
+        engine.state.epoch = i  # one evaluation per call, as ValidationHandler does
+        engine.run([0], max_epochs=i + 1)
+    assert saver.state_dict() == {"best_metric": 0.7, "best_epoch": 2}
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].flatten().tolist() == [2.0, 2.0]
+    fresh = BestModelSaver(net, tmp_path / "model.pt")
+    fresh.load_state_dict(saver.state_dict())
+    assert fresh.best_metric == 0.7 and fresh.best_epoch == 2
+
+
+def _trainer(epochs_seen):
+    trainer = Engine(lambda e, b: {"loss": 0.0})
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_seen.append(e.state.epoch))
+    return trainer
+
+
+class _Counter:
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_resume_continues_at_the_next_epoch(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    counter = _Counter()
+    seen: list[int] = []
+    first = _trainer(seen)
+    first.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(counter, "value", counter.value + 1))
+    ResumeCheckpoint(tmp_path / "resume.pt", {"network": net, "counter": counter}).attach(first)
+
+    def crash(engine):
+        raise KeyboardInterrupt  # a run cut short after epoch 3 was saved
+
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=3), crash)
+    with pytest.raises(KeyboardInterrupt):
+        first.run([0, 1], max_epochs=6)
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["trainer"]["epoch"] == 3 and state["counter"] == {"value": 3}
+
+    net2, counter2, seen2 = torch.nn.Linear(2, 1), _Counter(), []
+    second = _trainer(seen2)
+    second.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(counter2, "value", counter2.value + 1))
+    ResumeCheckpoint(tmp_path / "resume.pt", {"network": net2, "counter": counter2}).attach(second)
+    second.run([0, 1], max_epochs=6)
+    assert seen2 == [4, 5, 6] and counter2.value == 6
+    assert torch.equal(net2.weight, net.weight)
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["trainer"]["finished"] is True
+
+
+def test_a_finished_run_is_not_resumed_by_auto(tmp_path):
+    seen: list[int] = []
+    t = _trainer(seen)
+    ResumeCheckpoint(tmp_path / "resume.pt", {}).attach(t)
+    t.run([0], max_epochs=2)
+    seen.clear()
+    t2 = _trainer(seen)
+    ResumeCheckpoint(tmp_path / "resume.pt", {}, resume="auto").attach(t2)
+    t2.run([0], max_epochs=2)
+    assert seen == [1, 2]
+
+
+def test_resume_settings_and_broken_files(tmp_path):
+    with pytest.raises(BundleInputError, match="resume must be auto, true or false"):
+        ResumeCheckpoint(tmp_path / "r.pt", {}, resume="yes")
+    t = _trainer([])
+    ResumeCheckpoint(tmp_path / "r.pt", {}, resume=True).attach(t)
+    with pytest.raises(BundleInputError, match="resume is true but there is no resume checkpoint"):
+        t.run([0], max_epochs=1)
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    t = _trainer([])
+    ResumeCheckpoint(tmp_path / "bad.pt", {}).attach(t)
+    with pytest.raises(BundleInputError, match="cannot be read .*delete it or pass --resume false"):
+        t.run([0], max_epochs=1)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+from monai_unet_bundle.curves import PALETTE, TrainingCurves, ValidationPreviews, overlay, preview_strip
+
+
+def test_curves_have_one_row_per_validation_and_continue_after_resume(tmp_path):
+    losses = iter([1.0, 0.5, 0.4, 0.2, 0.3, 0.1])
+    trainer = Engine(lambda e, b: {"loss": next(losses)})
+    evaluator = Engine(lambda e, b: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_mean_dice=0.1 * e.state.epoch))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.25)
+    curves = TrainingCurves(tmp_path, optimizer=opt, evaluator=evaluator)
+    curves.attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0], max_epochs=e.state.epoch))
+    trainer.run([0, 1], max_epochs=3)
+    rows = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([0.75, 0.3, 0.2])
+    assert float(rows[2]["val_mean_dice"]) == pytest.approx(0.3)
+    assert float(rows[0]["learning_rate"]) == 0.25
+    assert Image.open(tmp_path / "curves.png").size[0] > 100
+    restored = TrainingCurves(tmp_path / "again", evaluator=evaluator)
+    restored.load_state_dict(curves.state_dict())
+    assert [r["epoch"] for r in restored.rows] == [1, 2, 3]
+
+
+def test_overlay_and_strip_orientation():
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    index = np.array([[0, 1, 0], [0, 0, 2]])
+    out = overlay(rgb, index, alpha=1.0)
+    assert out[0, 1].tolist() == PALETTE[1].tolist() and out[1, 2].tolist() == PALETTE[2].tolist() and out[0, 0].sum() == 0
+    image = torch.zeros(3, 5, 4)  # MONAI order: (C, W, H) for a 5-wide, 4-high picture
+    label = torch.zeros(1, 5, 4)
+    label[0, 4, 0] = 1  # top-right pixel
+    strip = preview_strip(image, label, label)
+    assert strip.shape == (4, 3 * 5 + 8, 3)
+    assert strip[0, 5 + 4 + 4].tolist() == [127, 32, 32]  # ground-truth panel, top-right
+
+
+def test_previews_written_per_validation(tmp_path):
+    item = {"image": torch.rand(3, 8, 6), "label": torch.zeros(2, 8, 6), "pred": torch.zeros(2, 8, 6)}
+    evaluator = Engine(lambda e, b: [item, item, item])
+    ValidationPreviews(tmp_path / "previews", num_images=2, log_dir=tmp_path / "tb").attach(evaluator)
+    evaluator.run([0], max_epochs=1)
+    picture = Image.open(tmp_path / "previews" / "epoch_0001.png")
+    assert picture.size == (3 * 8 + 8, 2 * (6 + 4))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
