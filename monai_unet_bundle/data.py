@@ -7,6 +7,7 @@ validation list, a deterministic split (seeded shuffle) takes ``val_fraction`` o
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import random
@@ -14,11 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.readers import PIL_SUFFIXES
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "build_datalists",
+    "find_pairs",
+    "missing_masks_message",
     "file_stem",
     "list_images",
     "pair_images_and_masks",
@@ -28,7 +31,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: every file extension the bundle reads (matched case-insensitively)
-IMAGE_EXTENSIONS: tuple[str, ...] = (*PIL_SUFFIXES, ".nii", ".nii.gz")
+IMAGE_EXTENSIONS: tuple[str, ...] = (*PIL_SUFFIXES, *NIFTI_SUFFIXES)
 
 
 def file_stem(path: str | Path) -> str:
@@ -49,19 +52,22 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if _is_image(p))
 
 
-def pair_images_and_masks(dataset_dir: str | Path, mask_suffix: str = "") -> list[dict[str, str]]:
-    """Pair ``dataset_dir/images/*`` with ``dataset_dir/masks/*`` by file stem.
+def find_pairs(
+    dataset_dir: str | Path, mask_suffix: str = ""
+) -> tuple[list[dict[str, str]], list[str], list[str]]:
+    """Match ``dataset_dir/images/*`` with ``dataset_dir/masks/*`` by file stem (sub-folders included).
 
     Args:
-        dataset_dir: folder holding ``images/`` and ``masks/`` (sub-folders are searched too).
-        mask_suffix: text that ends every mask stem, e.g. ``"_mask"`` for ``car_01_mask.png``;
+        dataset_dir: folder holding ``images/`` and ``masks/``.
+        mask_suffix: text that ends every mask stem, e.g. ``"_mask"`` for ``car_01_mask.gif``;
             when empty, a mask stem equal to the image stem, or to it plus ``_mask``, matches.
 
     Returns:
-        ``[{"image": path, "label": path}, ...]`` sorted by image path.
+        ``(pairs, images_without_mask, masks_without_image)``: pairs as ``{"image", "label"}`` dicts
+        sorted by image path, and the unpaired files relative to ``dataset_dir``.
 
     Raises:
-        BundleInputError: when a folder is missing, holds no images, or an image has no mask.
+        BundleInputError: when a folder is missing or holds no images.
     """
     root = Path(dataset_dir)
     images_dir, masks_dir = root / "images", root / "masks"
@@ -84,20 +90,44 @@ def pair_images_and_masks(dataset_dir: str | Path, mask_suffix: str = "") -> lis
             masks.setdefault((rel / stem).as_posix(), mask)
             stem = stem[: -len("_mask")]
         masks[(rel / stem).as_posix()] = mask
-    pairs, missing = [], []
+    pairs, missing, used = [], [], set()
     for image in images:
         key = (image.relative_to(images_dir).parent / file_stem(image)).as_posix()
         if key in masks:
             pairs.append({"image": str(image), "label": str(masks[key])})
+            used.add(masks[key])
         else:
             missing.append(image.relative_to(root).as_posix())
+    orphans = sorted({m.relative_to(root).as_posix() for m in masks.values() if m not in used})
+    return pairs, missing, orphans
+
+
+def _listing(items: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def missing_masks_message(images_dir: str | Path, masks_dir: str | Path, missing: Sequence[str], mask_suffix: str) -> str:
+    """The sentence for images that have no mask."""
+    hint = f" with suffix {mask_suffix!r}" if mask_suffix else " (set --mask_suffix if mask names end in e.g. '_mask')"
+    return (
+        f"{len(missing)} image(s) in {str(images_dir)!r} have no mask of the same stem{hint} in "
+        f"{str(masks_dir)!r}: {_listing(missing)}."
+    )
+
+
+def pair_images_and_masks(dataset_dir: str | Path, mask_suffix: str = "") -> list[dict[str, str]]:
+    """Pair images and masks as :func:`find_pairs` does, refusing images without a mask.
+
+    Returns:
+        ``[{"image": path, "label": path}, ...]`` sorted by image path.
+
+    Raises:
+        BundleInputError: when a folder is missing, holds no images, or an image has no mask.
+    """
+    pairs, missing, _ = find_pairs(dataset_dir, mask_suffix)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        hint = f" with suffix {mask_suffix!r}" if mask_suffix else " (set --mask_suffix if mask names end in e.g. '_mask')"
-        raise BundleInputError(
-            f"{len(missing)} image(s) in {str(images_dir)!r} have no mask of the same stem{hint} in "
-            f"{str(masks_dir)!r}: {shown}."
-        )
+        root = Path(dataset_dir)
+        raise BundleInputError(missing_masks_message(root / "images", root / "masks", missing, mask_suffix))
     return pairs
 
 
@@ -124,14 +154,35 @@ def split_pairs(
     return order[n_val:], order[:n_val]
 
 
+def _read_csv_datalist(path: Path) -> dict[str, list[dict[str, str]]]:
+    """A CSV with ``image,label`` columns (and optionally ``split``: training/validation/test)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BundleInputError(f"datalist {str(path)!r} cannot be read as CSV ({exc}).") from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise BundleInputError(f"datalist {str(path)!r} needs a header row with 'image' and 'label' columns (and optionally 'split').")
+    content: dict[str, list[dict[str, str]]] = {"training": []}
+    for i, row in enumerate(rows, start=2):
+        split = (row.get("split") or "training").strip().lower()
+        if split not in ("training", "validation", "test"):
+            raise BundleInputError(f"datalist {str(path)!r} line {i}: split must be training, validation or test, got {split!r}.")
+        content.setdefault(split, []).append({"image": row["image"].strip(), "label": row["label"].strip()})
+    return content
+
+
 def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[str, str]]]:
     path = Path(datalist)
     if not path.is_file():
-        raise BundleInputError(f"datalist {str(path)!r} does not exist: pass the path of a JSON file.")
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleInputError(f"datalist {str(path)!r} is not valid JSON ({exc}).") from None
+        raise BundleInputError(f"datalist {str(path)!r} does not exist: pass the path of a JSON or CSV file.")
+    if path.suffix.lower() == ".csv":
+        content = _read_csv_datalist(path)
+    else:
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleInputError(f"datalist {str(path)!r} is not valid JSON ({exc}).") from None
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
         raise BundleInputError(f"datalist {str(path)!r} needs a 'training' list of {{'image': ..., 'label': ...}} items.")
     out: dict[str, list[dict[str, str]]] = {}
@@ -163,6 +214,7 @@ def build_datalists(
     val_fraction: float = 0.2,
     seed: int = 0,
     mask_suffix: str = "",
+    val_dataset_dir: str | Path | None = None,
 ) -> dict[str, list[dict[str, str]]]:
     """Build the ``training``/``validation`` (and optional ``test``) lists the configs consume.
 
@@ -173,6 +225,8 @@ def build_datalists(
         val_fraction: share of pairs held out for validation when no validation list is given.
         seed: seed of the split.
         mask_suffix: see :func:`pair_images_and_masks`.
+        val_dataset_dir: a separate folder with ``images/`` and ``masks/`` for validation; then
+            ``dataset_dir`` is used for training only and nothing is split.
 
     Raises:
         BundleInputError: on a missing folder or file, or when the validation list would be empty.
@@ -187,8 +241,16 @@ def build_datalists(
             raise BundleInputError(
                 f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/."
             )
-        train, val = split_pairs(pair_images_and_masks(base, mask_suffix), val_fraction, seed)
-        lists = {"training": train, "validation": val}
+        if val_dataset_dir:
+            if not Path(val_dataset_dir).is_dir():
+                raise BundleInputError(f"val_dataset_dir {str(val_dataset_dir)!r} does not exist: pass a folder holding images/ and masks/.")
+            lists = {
+                "training": pair_images_and_masks(base, mask_suffix),
+                "validation": pair_images_and_masks(val_dataset_dir, mask_suffix),
+            }
+        else:
+            train, val = split_pairs(pair_images_and_masks(base, mask_suffix), val_fraction, seed)
+            lists = {"training": train, "validation": val}
     if not lists["training"]:
         raise BundleInputError("the training list is empty: give at least one image/mask pair for training.")
     logger.info("data: %d training, %d validation pairs", len(lists["training"]), len(lists["validation"]))

@@ -25,11 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
-from monai.transforms import LoadImage
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.readers import Image2DReader
-from monai_unet_bundle.transforms import MaskToIndexd
+from monai_unet_bundle.transforms import MaskToIndexd, mask_loader
 
 __all__ = [
     "LOSS_TERMS",
@@ -117,10 +115,10 @@ class SegmentationLoss(torch.nn.Module):
         return total
 
 
-def class_pixel_counts(label_files: Sequence[str], num_classes: int) -> np.ndarray:
+def class_pixel_counts(label_files: Sequence[str], num_classes: int, to_index: MaskToIndexd | None = None) -> np.ndarray:
     """Count the pixels of each class over ``label_files``, read as the training pipeline reads them."""
-    load = LoadImage(reader=Image2DReader, image_only=True, ensure_channel_first=True)
-    to_index = MaskToIndexd("label", num_classes)
+    to_index = to_index or MaskToIndexd("label", num_classes)
+    load = mask_loader(to_index.palette is not None)
     counts = np.zeros(num_classes, dtype=np.int64)
     for path in label_files:
         mask = to_index.convert(load(path))
@@ -156,6 +154,7 @@ def resolve_class_weights(
     training_data: Sequence[dict],
     num_classes: int,
     cache_dir: str | Path,
+    mask_to_index: MaskToIndexd | None = None,
 ) -> list[float] | None:
     """Turn the ``class_weights`` setting into a weight vector (or ``None``).
 
@@ -176,7 +175,7 @@ def resolve_class_weights(
             stored = json.loads(cache.read_text())
             weights, counts = stored["weights"], stored["pixel_counts"]
         else:
-            counts = class_pixel_counts(files, num_classes).tolist()
+            counts = class_pixel_counts(files, num_classes, mask_to_index).tolist()
             weights = inverse_frequency_weights(counts).tolist()
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")

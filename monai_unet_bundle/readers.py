@@ -1,27 +1,106 @@
 """Image readers for the 2D formats users bring.
 
-MONAI's ``PILReader`` only claims ``.png``, ``.jpg``, ``.jpeg`` and ``.bmp``; :class:`Image2DReader`
-is the same reader (same axis order, same metadata) claiming every 2D format Pillow decodes that
-appears in segmentation data sets: TIFF (8 and 16 bit) and GIF as well.  ``LoadImaged`` keeps
-MONAI's default readers behind it, so NIfTI still goes to ``NibabelReader``.
+* :class:`Image2DReader` is MONAI's ``PILReader`` (same axis order, same metadata) claiming every
+  2D format Pillow decodes that appears in segmentation data sets (PNG, JPEG, BMP, TIFF 8/16 bit,
+  GIF), and normalising Pillow's modes: for images, palette and bilevel pictures become RGB(A) or
+  grayscale pixels; for masks, palette indices are kept (they are class indices in VOC- or
+  Carvana-style masks) unless a colour palette maps colours to classes.
+* :class:`Nifti2DReader` is MONAI's ``NibabelReader`` for 2D slices: a 3D volume with exactly one
+  singleton axis is squeezed to 2D, with the affine's columns reordered so every pixel keeps its
+  world position; anything else 3D is refused with a clear message.
+
+``LoadImaged`` keeps MONAI's default readers behind these, as a fallback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from monai.config import PathLike
-from monai.data import PILReader
+from monai.data import NibabelReader, PILReader
 from monai.utils import ensure_tuple
 
-__all__ = ["PIL_SUFFIXES", "Image2DReader"]
+from monai_unet_bundle.errors import BundleInputError
+
+__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader"]
 
 PIL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+
+_TO_RGB = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
+
+
+def _image_mode(img):
+    """Pillow image -> pixels a network can take: L, LA, RGB, RGBA or a 16/32-bit grayscale mode."""
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode in _TO_RGB:
+        return img.convert("RGB")
+    return img
+
+
+def _mask_mode(img, palette_to_rgb: bool):
+    """Pillow mask -> class indices (palette indices kept) or RGB colours when a palette is used."""
+    if img.mode in ("P", "PA"):
+        return img.convert("RGB") if palette_to_rgb else img.convert("P") if img.mode == "PA" else img
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode == "LA":
+        return img.convert("L")
+    if img.mode in _TO_RGB or img.mode == "RGBA":
+        return img.convert("RGB")
+    return img
 
 
 class Image2DReader(PILReader):
-    """``PILReader`` that also reads TIFF and GIF files (extensions matched case-insensitively)."""
+    """``PILReader`` for PNG, JPEG, BMP, TIFF and GIF with mode normalisation.
+
+    Args:
+        kind: ``"image"`` or ``"mask"`` (see the module docstring).
+        palette_to_rgb: for masks, turn palette images into RGB colours (used with a colour palette).
+    """
+
+    def __init__(self, kind: str = "image", palette_to_rgb: bool = False, **kwargs) -> None:
+        if kind not in ("image", "mask"):
+            raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
+        converter = _image_mode if kind == "image" else (lambda img: _mask_mode(img, palette_to_rgb))
+        super().__init__(converter=converter, **kwargs)
+        self.kind = kind
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        """Whether every file name ends with one of :data:`PIL_SUFFIXES`."""
+        """Whether every file name ends with one of :data:`PIL_SUFFIXES` (any case)."""
         return all(str(f).lower().endswith(PIL_SUFFIXES) for f in ensure_tuple(filename))
+
+
+class Nifti2DReader(NibabelReader):
+    """``NibabelReader`` that turns a volume with one singleton axis into a 2D slice."""
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """Whether every file name ends with ``.nii`` or ``.nii.gz`` (any case)."""
+        return all(str(f).lower().endswith(NIFTI_SUFFIXES) for f in ensure_tuple(filename))
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """Read the data; squeeze a single singleton axis of a 3D volume and reorder the affine."""
+        data, meta = super().get_data(img)
+        shape = tuple(int(s) for s in meta["spatial_shape"])
+        names = [str(f) for f in ensure_tuple(getattr(self, "filenames", ()))]
+        name = names[0] if names else "<NIfTI file>"
+        if len(shape) == 2:
+            return data, meta
+        singles = [i for i, s in enumerate(shape) if s == 1]
+        if len(shape) != 3 or len(singles) != 1 or data.ndim != 3:
+            raise BundleInputError(
+                f"{name} has shape {tuple(data.shape)}; NIfTI inputs must be 2D slices, or 3D volumes with "
+                f"exactly one axis of size 1 (export single slices from the scan)."
+            )
+        axis = singles[0]
+        keep = [i for i in range(3) if i != axis]
+        columns = [*keep, axis, 3]
+        for key in ("affine", "original_affine"):
+            if key in meta:
+                meta[key] = np.asarray(meta[key])[:, columns]
+        meta["spatial_shape"] = np.asarray([shape[i] for i in keep])
+        return np.squeeze(data, axis=axis), meta

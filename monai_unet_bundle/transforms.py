@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.readers import Image2DReader
+from monai_unet_bundle.readers import Image2DReader, Nifti2DReader
 
-__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "source_name"]
+__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "mask_loader", "source_name"]
 
 # ITU-R BT.601 luma weights, as PIL uses for RGB -> L
 _LUMA = (0.299, 0.587, 0.114)
@@ -32,6 +32,12 @@ def source_name(img: object) -> str:
     meta = getattr(img, "meta", None) or {}
     name = meta.get("filename_or_obj")
     return str(name) if name else "<unknown file>"
+
+
+def mask_loader(palette_to_rgb: bool = False) -> LoadImage:
+    """A channel-first ``LoadImage`` for masks, with the bundle's readers."""
+    readers = [Nifti2DReader(), Image2DReader(kind="mask", palette_to_rgb=palette_to_rgb)]
+    return LoadImage(reader=readers, image_only=True, ensure_channel_first=True)
 
 
 def _to_luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -82,56 +88,142 @@ class EnsureChannelsd(MapTransform):
         return d
 
 
+_LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def _check_palette(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray | None:
+    if palette is None:
+        return None
+    arr = np.asarray(palette, dtype=np.float64)
+    if arr.shape != (num_classes, 3):
+        raise BundleInputError(
+            f"mask_palette must list {num_classes} RGB colours, one per class in class order "
+            f"(e.g. [[0,0,0],[255,0,0],...]); got {np.asarray(palette).tolist()}."
+        )
+    if len({tuple(c) for c in arr.tolist()}) != num_classes:
+        raise BundleInputError("mask_palette gives the same colour to two classes: every class needs its own colour.")
+    return arr
+
+
+def _check_thresholds(thresholds: Sequence[float] | None, num_classes: int) -> np.ndarray | None:
+    if thresholds is None:
+        return None
+    arr = np.asarray(thresholds, dtype=np.float64).ravel()
+    if arr.size != num_classes - 1 or np.any(np.diff(arr) <= 0):
+        raise BundleInputError(
+            f"mask_thresholds must be {num_classes - 1} increasing numbers (class c covers values from the "
+            f"c-th threshold up to the next); got {np.asarray(thresholds).tolist()}."
+        )
+    return arr
+
+
 class MaskToIndexd(MapTransform):
     """Turn masks into one-channel class-index maps with values ``0..num_classes-1``.
 
-    Multi-channel masks whose channels are identical (a grayscale mask saved as RGB) are reduced to
-    one channel.  With ``num_classes == 2`` a mask of values {0, 255} is read as {0, 1}.
+    Encodings, chosen by the arguments:
+
+    * default: class indices; with ``num_classes == 2`` a mask of values {0, 255} is read as {0, 1}.
+      Multi-channel masks whose channels are identical (a grayscale mask saved as RGB) are reduced
+      to one channel.
+    * ``palette``: RGB colour of each class (class order); every pixel's colour picks its class.
+    * ``thresholds``: ``num_classes - 1`` increasing cut points on grayscale values; a value below
+      the first is class 0, from the c-th up to the next is class c.
+
+    JPEG masks are refused, since compression changes their values, unless ``allow_lossy``; then
+    every value is snapped to the nearest valid one (nearest palette colour, nearest index).
 
     Args:
         keys: keys of the masks.
         num_classes: classes including background.
+        palette: optional ``num_classes`` RGB colours.
+        thresholds: optional ``num_classes - 1`` grayscale cut points.
+        allow_lossy: accept JPEG masks and snap their values.
         allow_missing_keys: don't raise when a key is absent.
 
     Raises:
-        BundleInputError: naming the file and the offending values when a mask holds values that
-            map to no class, or channels that differ (a colour mask).
+        BundleInputError: for bad settings, and naming the file and the offending values when a
+            mask holds values that map to no class.
     """
 
-    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        palette: Sequence[Sequence[int]] | None = None,
+        thresholds: Sequence[float] | None = None,
+        allow_lossy: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise BundleInputError(f"num_classes must be an integer of at least 2 (2 = binary), got {num_classes!r}.")
+        if palette is not None and thresholds is not None:
+            raise BundleInputError("set mask_palette or mask_thresholds, not both.")
         self.num_classes = num_classes
+        self.palette = _check_palette(palette, num_classes)
+        self.thresholds = _check_thresholds(thresholds, num_classes)
+        self.allow_lossy = bool(allow_lossy)
+
+    def _refuse(self, name: str, bad: Sequence, expected: str) -> None:
+        shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise BundleInputError(
+            f"mask {name} holds values {shown} that map to no class (expected {expected} for "
+            f"num_classes={self.num_classes}); fix the mask or the setting."
+        )
+
+    def _from_palette(self, mask: np.ndarray, name: str) -> np.ndarray:
+        rgb = np.repeat(mask[:1], 3, axis=0) if mask.shape[0] == 1 else mask[:3]
+        pixels = rgb.reshape(3, -1).T
+        colours, inverse = np.unique(pixels, axis=0, return_inverse=True)
+        distance = ((colours[:, None, :] - self.palette[None, :, :]) ** 2).sum(-1)
+        nearest = distance.argmin(1)
+        exact = distance[np.arange(len(colours)), nearest] == 0
+        if not exact.all() and not self.allow_lossy:
+            bad = [tuple(int(v) for v in c) for c in colours[~exact]]
+            self._refuse(name, bad, "the mask_palette colours")
+        return nearest[inverse.ravel()].reshape((1, *rgb.shape[1:]))
+
+    def _single_channel(self, mask: np.ndarray, name: str) -> np.ndarray:
+        if mask.shape[0] > 1:
+            if not (mask == mask[:1]).all():
+                raise BundleInputError(
+                    f"mask {name} has {mask.shape[0]} differing channels (a colour mask); save it as a single-channel "
+                    f"image of class indices, or map colours to classes with --mask_palette."
+                )
+            mask = mask[:1]
+        return mask
 
     def convert(self, mask: torch.Tensor) -> torch.Tensor:
         """Convert one channel-first mask."""
         name = source_name(mask)
-        if mask.shape[0] > 1:
-            if not bool((mask == mask[:1]).all()):
-                raise BundleInputError(
-                    f"mask {name} has {mask.shape[0]} differing channels (a colour mask); save it as a "
-                    f"single-channel image of class indices."
-                )
-            mask = mask[:1]
-        values = torch.unique(mask).tolist()
-        if self.num_classes == 2 and 255 in values:
-            allowed = {0.0, 255.0}  # a binary mask saved 0/255
-        else:
-            allowed = set(map(float, range(self.num_classes)))
-        bad = sorted(v for v in values if float(v) not in allowed)
-        if bad:
-            shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
-            expected = "0/1 or 0/255" if self.num_classes == 2 else f"0..{self.num_classes - 1}"
+        lossy = name.lower().endswith(_LOSSY_SUFFIXES)
+        if lossy and not self.allow_lossy:
             raise BundleInputError(
-                f"mask {name} holds values {shown} that map to no class (expected {expected} for "
-                f"num_classes={self.num_classes}); fix the mask or set --num_classes."
+                f"mask {name} is a JPEG, whose compression changes mask values: save masks as PNG, or pass "
+                f"--allow_lossy_masks true to snap every value to the nearest class."
             )
-        if 255 in allowed:
-            mask = mask / 255
-        if isinstance(mask, MetaTensor):
-            return mask.float()
-        return torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+        arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float64)
+        if self.palette is not None:
+            index = self._from_palette(arr, name)
+        elif self.thresholds is not None:
+            index = np.digitize(self._single_channel(arr, name), self.thresholds)
+        else:
+            index = self._indices(self._single_channel(arr, name), name)
+        out = torch.as_tensor(index, dtype=torch.float32)
+        return MetaTensor(out, meta=dict(mask.meta), applied_operations=list(mask.applied_operations)) if isinstance(mask, MetaTensor) else out
+
+    def _indices(self, mask: np.ndarray, name: str) -> np.ndarray:
+        values = np.unique(mask)
+        binary_255 = self.num_classes == 2 and values.max(initial=0) > 1
+        if self.allow_lossy:
+            if binary_255:
+                return (mask >= 128).astype(np.float64)
+            return np.clip(np.rint(mask), 0, self.num_classes - 1)
+        allowed = {0.0, 255.0} if binary_255 else set(map(float, range(self.num_classes)))
+        bad = [f"{v:g}" for v in values if float(v) not in allowed]
+        if bad:
+            self._refuse(name, bad, "0/1 or 0/255" if self.num_classes == 2 else f"0..{self.num_classes - 1}")
+        return mask / 255 if binary_255 else mask
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -149,13 +241,22 @@ class ReloadLabeld(MapTransform):
     Args:
         keys: keys of the masks.
         num_classes: classes including background.
+        palette, thresholds, allow_lossy: as for :class:`MaskToIndexd`.
         allow_missing_keys: don't raise when a key is absent.
     """
 
-    def __init__(self, keys: KeysCollection, num_classes: int, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        palette: Sequence[Sequence[int]] | None = None,
+        thresholds: Sequence[float] | None = None,
+        allow_lossy: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.load = LoadImage(reader=Image2DReader, image_only=True, ensure_channel_first=True)
-        self.to_index = MaskToIndexd(keys, num_classes)
+        self.load = mask_loader(palette is not None)
+        self.to_index = MaskToIndexd(keys, num_classes, palette, thresholds, allow_lossy)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -43,6 +43,9 @@ def test_masks_lie_over_their_inputs_at_the_original_size(tmp_path: Path):
     affine = np.diag([0.8, 0.6, 3.0, 1.0])
     truths["scan"] = _blocky_asymmetric(45, 70)
     nib.save(nib.Nifti1Image(truths["scan"].astype(np.float32), affine), inputs / "scan.nii.gz")
+    truths["volume"] = _blocky_asymmetric(38, 66)
+    vol_affine = np.array([[0.0, 0.0, 0.9, 5.0], [0.0, 0.7, 0.0, -2.0], [2.5, 0.0, 0.0, 1.0], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(truths["volume"][None].astype(np.float32), vol_affine), inputs / "volume.nii")  # 1 x H x W
 
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"),
@@ -69,6 +72,11 @@ def test_masks_lie_over_their_inputs_at_the_original_size(tmp_path: Path):
     scan = nib.load(tmp_path / "out" / "scan.nii.gz")
     assert scan.shape == truths["scan"].shape and np.allclose(scan.affine, affine)
     assert (np.asarray(scan.dataobj) == truths["scan"]).mean() > 0.97
+    volume = nib.load(tmp_path / "out" / "volume.nii.gz")
+    assert volume.shape == truths["volume"].shape
+    assert (np.asarray(volume.dataobj) == truths["volume"]).mean() > 0.97
+    for i, j in ((0, 0), (10, 20), (37, 65)):  # every pixel keeps its world position
+        assert np.allclose(volume.affine @ [i, j, 0, 1], vol_affine @ [0, i, j, 1])
 
 
 def test_cli_inference_writes_every_readable_file_and_skips_broken_ones(trained_bundle: Path, tmp_path: Path):

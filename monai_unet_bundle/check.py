@@ -1,0 +1,248 @@
+"""The pre-flight data check: every problem with the data and settings, found before training.
+
+:func:`checked_datalists` pairs the files, reads every image header and every mask, and checks the
+settings against the data.  It collects all problems (not just the first), prints a compact
+report, writes it as JSON, and raises one :class:`~monai_unet_bundle.errors.BundleInputError`
+listing every problem when there is any.  It runs at the start of training and evaluation (the
+configs build their datalists through it) and alone as the ``check_data`` workflow id:
+
+    python -m monai.bundle run check_data --config_file configs/train.json --dataset_dir /data/x
+
+A report is reused while the files and settings are unchanged (same paths, sizes, modification
+times), so a large data set is read once, not at every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_unet_bundle.data import (
+    _load_datalist,
+    find_pairs,
+    missing_masks_message,
+    split_pairs,
+)
+from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.networks import check_spatial_size
+from monai_unet_bundle.readers import NIFTI_SUFFIXES
+from monai_unet_bundle.transforms import MaskToIndexd, mask_loader
+
+__all__ = ["checked_datalists", "inspect_image"]
+
+logger = logging.getLogger(__name__)
+REPORT_VERSION = 1
+
+
+def inspect_image(path: str) -> tuple[tuple[int, int], str]:
+    """Return ``((height, width), mode)`` of a 2D image file without decoding all pixels when possible."""
+    if path.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel
+
+        shape = tuple(int(s) for s in nibabel.load(path).shape)
+        spatial = [s for s in shape if s != 1] if len(shape) == 3 else list(shape)
+        if len(spatial) != 2:
+            raise ValueError(f"shape {shape} is not a 2D slice")
+        return (spatial[0], spatial[1]), f"NIfTI {nibabel.load(path).get_data_dtype()}"
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decode fully: a truncated file must show up here, not in the middle of training
+        return (img.height, img.width), img.mode
+
+
+def _fingerprint(files: Sequence[str], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(set(files)):
+        try:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}|missing\n".encode())
+    return h.hexdigest()
+
+
+def _discover(
+    dataset_dir: str | Path,
+    datalist: str | Path | None,
+    val_fraction: float,
+    seed: int,
+    mask_suffix: str,
+    val_dataset_dir: str | Path | None,
+    problems: list[str],
+    warnings: list[str],
+) -> dict[str, list[dict[str, str]]]:
+    """Build the lists, recording problems instead of stopping at the first."""
+    base = Path(dataset_dir)
+    if datalist:
+        try:
+            lists = _load_datalist(datalist, base)
+        except BundleInputError as exc:
+            problems.append(str(exc))
+            return {"training": [], "validation": []}
+    else:
+        if not base.is_dir():
+            problems.append(f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/.")
+            return {"training": [], "validation": []}
+        lists = {"training": []}
+        for key, folder in (("training", base), ("validation", val_dataset_dir)):
+            if not folder:
+                continue
+            try:
+                pairs, missing, orphans = find_pairs(folder, mask_suffix)
+            except BundleInputError as exc:
+                problems.append(str(exc))
+                continue
+            if missing:
+                problems.append(missing_masks_message(Path(folder) / "images", Path(folder) / "masks", missing, mask_suffix))
+            if orphans:
+                warnings.append(f"{len(orphans)} mask(s) in {str(Path(folder) / 'masks')!r} have no image and are ignored: {', '.join(orphans[:5])}.")
+            lists[key] = pairs
+    if not lists.get("validation"):
+        try:
+            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
+        except BundleInputError as exc:
+            problems.append(f"{exc} The validation split would be empty, so no model could ever be saved.")
+            lists.setdefault("validation", [])
+    return lists
+
+
+def checked_datalists(
+    dataset_dir: str | Path,
+    datalist: str | Path | None,
+    val_fraction: float,
+    seed: int,
+    mask_suffix: str,
+    val_dataset_dir: str | Path | None,
+    num_classes: int,
+    spatial_size: Sequence[int],
+    mask_to_index: MaskToIndexd | None = None,
+    report_path: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, list[dict[str, str]]]:
+    """Check the data and settings, report, and return the ``training``/``validation``/``test`` lists.
+
+    Args:
+        dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir: as for
+            :func:`monai_unet_bundle.data.build_datalists`.
+        num_classes: classes including background.
+        spatial_size: the network input size, checked against the U-Net's stride.
+        mask_to_index: the mask conversion the pipeline uses (palette, thresholds, lossy policy).
+        report_path: where the JSON report goes (also the cache of the last check).
+        class_names: names for the class frequencies in the report.
+
+    Raises:
+        BundleInputError: listing every problem found, one per line.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        check_spatial_size(spatial_size)
+    except BundleInputError as exc:
+        problems.append(str(exc))
+    to_index = mask_to_index or MaskToIndexd("label", num_classes)
+    lists = _discover(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir, problems, warnings)
+    items = [d for section in lists.values() for d in section]
+    settings = {
+        "version": REPORT_VERSION, "num_classes": num_classes, "spatial_size": list(spatial_size),
+        "palette": None if to_index.palette is None else to_index.palette.tolist(),
+        "thresholds": None if to_index.thresholds is None else to_index.thresholds.tolist(),
+        "allow_lossy": to_index.allow_lossy, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
+    }
+    fingerprint = _fingerprint([f for d in items for f in d.values()], settings)
+    report_file = Path(report_path) if report_path else None
+    if not problems and report_file is not None and report_file.is_file():
+        try:
+            cached = json.loads(report_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+        if cached.get("fingerprint") == fingerprint and cached.get("ok"):
+            logger.info("data check: unchanged since the last check (%s); %s", report_file, cached.get("summary", ""))
+            return lists
+
+    load_mask = mask_loader(to_index.palette is not None)
+    modes: Counter[str] = Counter()
+    heights, widths = [], []
+    raw_values: set[float] = set()
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for item in items:
+        try:
+            (h, w), mode = inspect_image(item["image"])
+            modes[mode] += 1
+            heights.append(h)
+            widths.append(w)
+        except Exception as exc:  # any decoder failure is reported with the file
+            problems.append(f"image {item['image']} cannot be read ({type(exc).__name__}: {exc}).")
+            continue
+        if "label" not in item:
+            continue
+        try:
+            raw = load_mask(item["label"])
+            index = to_index.convert(raw)
+        except BundleInputError as exc:
+            problems.append(str(exc))
+            continue
+        except Exception as exc:
+            problems.append(f"mask {item['label']} cannot be read ({type(exc).__name__}: {exc}).")
+            continue
+        mask_hw = tuple(int(s) for s in raw.shape[1:][::-1]) if not item["label"].lower().endswith(NIFTI_SUFFIXES) else tuple(int(s) for s in raw.shape[1:])
+        if mask_hw != (h, w):
+            problems.append(f"mask {item['label']} is {mask_hw[0]}x{mask_hw[1]} (height x width) but its image is {h}x{w}: masks must match their images.")
+            continue
+        if len(raw_values) <= 64:
+            vals = np.unique(np.asarray(raw[:1]))
+            raw_values.update(float(v) for v in vals[:65])
+        counts += np.bincount(np.asarray(index, dtype=np.int64).ravel(), minlength=num_classes)[:num_classes]
+
+    names = list(class_names) if class_names and len(class_names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+    total = int(counts.sum())
+    frequency = {n: round(float(c) / total, 6) if total else 0.0 for n, c in zip(names, counts)}
+    for n, c in zip(names[1:], counts[1:]):
+        if total and c == 0:
+            warnings.append(f"class {n!r} never occurs in the masks: check num_classes and the mask encoding.")
+    summary = (
+        f"{len(lists.get('training', []))} training, {len(lists.get('validation', []))} validation"
+        + (f", {len(lists['test'])} test" if lists.get("test") else "")
+        + " pairs"
+    )
+    report = {
+        "ok": not problems,
+        "problems": problems,
+        "warnings": warnings,
+        "summary": summary,
+        "dataset_dir": str(dataset_dir),
+        "datalist": str(datalist) if datalist else None,
+        "counts": {k: len(v) for k, v in lists.items()},
+        "image_size": {
+            "min_height_width": [min(heights), min(widths)] if heights else None,
+            "max_height_width": [max(heights), max(widths)] if heights else None,
+        },
+        "channel_mix": dict(modes),
+        "mask_values": sorted(raw_values)[:64],
+        "class_pixel_frequency": frequency,
+        "spatial_size": list(spatial_size),
+        "fingerprint": fingerprint,
+    }
+    if report_file is not None:
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = report_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, report_file)
+    logger.info("data check: %s; image sizes %s to %s (height x width); channels %s", summary,
+                report["image_size"]["min_height_width"], report["image_size"]["max_height_width"], dict(modes))
+    logger.info("data check: mask values %s; class pixel frequency %s", report["mask_values"][:16], frequency)
+    for warning in warnings:
+        logger.warning("data check: %s", warning)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        where = f" (report: {report_file})" if report_file else ""
+        raise BundleInputError(f"the data check found {len(problems)} problem(s){where}:\n{listing}")
+    return lists
