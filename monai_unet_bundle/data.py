@@ -12,6 +12,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai_unet_bundle.errors import BundleInputError
@@ -20,11 +21,13 @@ from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES
 __all__ = [
     "IMAGE_EXTENSIONS",
     "build_datalists",
+    "InputScan",
     "find_pairs",
     "missing_masks_message",
     "file_stem",
     "list_images",
     "pair_images_and_masks",
+    "scan_inputs",
     "split_pairs",
 ]
 
@@ -274,35 +277,74 @@ def _readable(path: Path) -> str | None:
     return None
 
 
-def list_images(input_dir: str | Path, output_dir: str | Path | None = None) -> list[dict[str, str]]:
-    """List every readable image under ``input_dir`` for inference, as ``[{"image": path}]``.
+@dataclass
+class InputScan:
+    """The images found for inference and the files skipped, with the reason for each."""
 
-    Unreadable files are logged with the reason and skipped so the rest can still be written.
+    items: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    input_dir: str = ""
+
+
+def _files_from(input_files: str | Sequence[str], base: Path) -> list[Path]:
+    """Paths from a list of files, or from a JSON/CSV datalist (its ``test`` list, else every ``image``)."""
+    if isinstance(input_files, str) and input_files.lower().endswith((".json", ".csv")):
+        lists = _read_csv_datalist(Path(input_files)) if input_files.lower().endswith(".csv") else None
+        if lists is None:
+            try:
+                lists = json.loads(Path(input_files).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BundleInputError(f"input_files {input_files!r} is not a readable JSON datalist ({exc}).") from None
+        section = lists.get("test") or [d for k in ("training", "validation") for d in lists.get(k, [])]
+        names = [d["image"] if isinstance(d, dict) else d for d in section]
+    else:
+        names = [input_files] if isinstance(input_files, str) else list(input_files)
+    return [Path(n) if Path(n).is_absolute() else base / n for n in names]
+
+
+def scan_inputs(
+    input_dir: str | Path, output_dir: str | Path | None = None, input_files: str | Sequence[str] | None = None
+) -> InputScan:
+    """Find every readable image for inference: all of ``input_dir``, or the given ``input_files``.
+
+    Args:
+        input_dir: folder searched (sub-folders too); also the base of relative ``input_files``.
+        output_dir: where results go; files under it are never taken as inputs.
+        input_files: a list of image paths, one path, or a JSON/CSV datalist whose ``test`` list
+            (else every ``image``) is used.
+
+    Unreadable or missing files are logged with the reason and skipped so the rest can be written.
 
     Raises:
-        BundleInputError: when the folder is missing, holds no readable image, or equals
-            ``output_dir`` (writing masks there could overwrite the inputs).
+        BundleInputError: when the folder is missing, no readable image is found, or
+            ``output_dir`` equals ``input_dir`` (writing masks there could overwrite the inputs).
     """
     folder = Path(input_dir)
-    if not folder.is_dir():
+    if input_files is None and not folder.is_dir():
         raise BundleInputError(f"input_dir {str(folder)!r} does not exist: pass --input_dir with a folder of images.")
-    if output_dir is not None and Path(output_dir).resolve() == folder.resolve():
+    if output_dir is not None and folder.is_dir() and Path(output_dir).resolve() == folder.resolve():
         raise BundleInputError(
             f"output_dir {str(output_dir)!r} is the same folder as input_dir: choose another --output_dir so no input is overwritten."
         )
     exclude = Path(output_dir).resolve() if output_dir is not None else None
-    items, skipped = [], 0
-    for path in _image_files(folder):
+    candidates = _image_files(folder) if input_files is None else _files_from(input_files, folder)
+    scan = InputScan(input_dir=str(folder) if input_files is None else "")
+    for path in candidates:
         if exclude is not None and exclude in path.resolve().parents:
             continue  # earlier predictions written inside input_dir are not inputs
-
-        reason = _readable(path)
+        reason = "file not found" if not path.is_file() else _readable(path)
         if reason is None:
-            items.append({"image": str(path)})
+            scan.items.append({"image": str(path)})
         else:
-            skipped += 1
+            scan.skipped.append({"file": str(path), "reason": reason})
             logger.warning("skipping unreadable file %s (%s)", path, reason)
-    if not items:
-        raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in input_dir {str(folder)!r}.")
-    logger.info("inference: %d image(s) to process, %d skipped", len(items), skipped)
-    return items
+    if not scan.items:
+        where = f"input_dir {str(folder)!r}" if input_files is None else f"input_files {input_files!r}"
+        raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in {where}.")
+    logger.info("inference: %d image(s) to process, %d skipped", len(scan.items), len(scan.skipped))
+    return scan
+
+
+def list_images(input_dir: str | Path, output_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """The readable images under ``input_dir`` as ``[{"image": path}]`` (see :func:`scan_inputs`)."""
+    return scan_inputs(input_dir, output_dir).items

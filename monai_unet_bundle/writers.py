@@ -54,6 +54,7 @@ class SaveMaskd(SaveImaged):
             "data_root_dir": data_root_dir,
             "print_log": print_log,
             "output_dtype": np.uint8,
+            "savepath_in_metadict": True,
         }
         super().__init__(
             keys, output_ext=".png", writer="PILWriter", scale=255 if num_classes == 2 else None, **common

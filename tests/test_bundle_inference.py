@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -96,7 +97,12 @@ def test_cli_inference_writes_every_readable_file_and_skips_broken_ones(trained_
     )
     assert "broken.png" in proc.stdout + proc.stderr
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == ["a.png", "b.png", "gray.png", "sub/c.png"]
+    assert written == ["a.png", "b.png", "gray.png", "inference_summary.json", "sub/c.png"]
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["images_written"] == 4 and summary["images_skipped"] == 1
+    assert summary["skipped"][0]["file"].endswith("broken.png") and summary["skipped"][0]["reason"]
+    assert sorted(Path(w["mask"]).relative_to(out).as_posix() for w in summary["written"]) == ["a.png", "b.png", "gray.png", "sub/c.png"]
+    assert summary["seconds_per_image"] > 0
     for rel, (h, w) in sizes.items():
         mask = np.array(Image.open(out / (rel.rsplit(".", 1)[0] + ".png")))
         assert mask.shape == (h, w) and mask.dtype == np.uint8
@@ -111,3 +117,47 @@ def test_inference_refuses_to_write_into_its_input_folder(trained_bundle: Path, 
         "--input_dir", str(tmp_path), "--output_dir", str(tmp_path), *TINY, expect_rc=2,
     )
     assert "is the same folder as input_dir" in proc.stderr
+
+
+def test_cli_extra_outputs_agree_with_the_masks(trained_bundle: Path, tmp_path: Path):
+    from monai_unet_bundle.rle import rle_decode
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"p.png": (30, 45), "q.png": (52, 20)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(inputs / name)
+    (inputs / "list.json").write_text(json.dumps({"test": [{"image": "p.png"}, {"image": "q.png"}]}))
+    out = tmp_path / "out"
+    run_bundle(
+        "--config_file", config("inference.json"), "--bundle_root", str(trained_bundle), "--input_dir", str(inputs),
+        "--input_files", str(inputs / "list.json"), "--output_dir", str(out), "--save_overlays", "true",
+        "--save_colour_masks", "true", "--save_probabilities", "true", "--rle_csv", "submission.csv",
+        "--rle_order", "column", "--tta", "true", "--fill_holes", "true", "--remove_smaller_than", "3", *TINY,
+    )
+    rows = dict(line.split(",", 1) for line in (out / "submission.csv").read_text().splitlines()[1:])
+    assert sorted(rows) == ["p.png", "q.png"]
+    for name in ("p", "q"):
+        mask = np.array(Image.open(out / f"{name}.png")) > 0
+        assert np.array_equal(rle_decode(rows[f"{name}.png"], mask.shape, "column"), mask)
+        colour = np.array(Image.open(out / "colour" / f"{name}.png"))
+        assert colour.shape == (*mask.shape, 3) and np.array_equal(colour.any(-1), mask)
+        overlay = np.array(Image.open(out / "overlays" / f"{name}.png"))
+        original = np.array(Image.open(inputs / f"{name}.png"))
+        assert overlay.shape == original.shape and np.array_equal((overlay != original).any(-1) & ~mask, np.zeros_like(mask))
+        prob = np.array(Image.open(out / "probabilities" / f"{name}_foreground.png"))
+        assert prob.shape == mask.shape
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["images_written"] == 2 and summary["rle_order"] == "column"
+
+
+def test_cli_sliding_window_keeps_the_native_size(trained_bundle: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (75, 101, 3), dtype=np.uint8)).save(inputs / "big.png")
+    run_bundle(
+        "--config_file", config("inference.json"), "--bundle_root", str(trained_bundle), "--input_dir", str(inputs),
+        "--output_dir", str(tmp_path / "out"), "--sliding_window", "true", "--keep_largest_component", "true", *TINY,
+    )
+    mask = np.array(Image.open(tmp_path / "out" / "big.png"))
+    assert mask.shape == (75, 101) and set(np.unique(mask)) <= {0, 255}

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, verify_net_in_out
@@ -76,3 +77,32 @@ def test_ckpt_export_to_torchscript_matches_the_network(trained_bundle: Path, tm
     x = torch.rand(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.allclose(scripted(x), net(x), atol=1e-5)
+
+
+ONNX_KWARGS = (
+    "{'dynamo': False, 'input_names': ['image'], 'output_names': ['logits'], "
+    "'dynamic_axes': {'image': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch', 2: 'height', 3: 'width'}}}"
+)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_pytorch_in_onnx_runtime(trained_bundle: Path, tmp_path: Path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extra")
+    target = tmp_path / "model.onnx"
+    proc = _python_module(
+        "monai.bundle", "onnx_export", "network_def", "--filepath", str(target),
+        "--ckpt_file", str(trained_bundle / "models" / "model.pt"), "--meta_file", str(META),
+        "--config_file", str(CONFIGS / "inference.json"), "--use_trace", "True", "--input_shape", "[1,3,64,64]",
+        "--converter_kwargs", ONNX_KWARGS,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    parser = ConfigParser()
+    parser.read_config(CONFIGS / "inference.json")
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(trained_bundle / "models" / "model.pt", weights_only=True))
+    net.eval()
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    x = torch.rand(2, 3, 48, 80)  # another batch and size than the export's sample: dynamic axes
+    (onnx_out,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert np.allclose(onnx_out, net(x).numpy(), atol=1e-4)

@@ -1,0 +1,57 @@
+"""The inference forward pass: whole-image or sliding-window, with optional flip test-time augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+
+__all__ = ["SegmentationInferer"]
+
+
+class SegmentationInferer(Inferer):
+    """Run the network on whole images or in sliding windows, optionally averaging over flips.
+
+    With ``tta`` the network also sees the image flipped left-right, up-down and both; the four
+    softmax outputs (flipped back) are averaged and their logarithm returned, so the softmax that
+    follows in the pipeline yields exactly the averaged probabilities.
+
+    Args:
+        roi_size: window size for sliding-window inference (the training ``spatial_size``).
+        sliding_window: use overlapping windows instead of one pass over the whole image.
+        tta: average over flips.
+        overlap: window overlap fraction.
+        sw_batch_size: windows per forward pass.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] = (512, 512),
+        sliding_window: bool = False,
+        tta: bool = False,
+        overlap: float = 0.25,
+        sw_batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        self.tta = bool(tta)
+        self.window = (
+            SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+            if sliding_window
+            else None
+        )
+
+    def _forward(self, inputs: torch.Tensor, network: Any) -> torch.Tensor:
+        return self.window(inputs, network) if self.window is not None else network(inputs)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.tta:
+            return self._forward(inputs, network)
+        total = None
+        for dims in ((), (2,), (3,), (2, 3)):
+            x = torch.flip(inputs, dims) if dims else inputs
+            prob = torch.softmax(self._forward(x, network), dim=1)
+            prob = torch.flip(prob, dims) if dims else prob
+            total = prob if total is None else total + prob
+        return torch.log(total / 4 + 1e-8)

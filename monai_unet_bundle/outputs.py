@@ -1,0 +1,188 @@
+"""What inference writes besides the masks: overlays, colour masks, probabilities, RLE CSV, summary.
+
+:class:`InferenceOutputs` is an Ignite handler on the inference evaluator (MONAI Label does not run
+it, so it never writes files inside a MONAI Label server).  Every image's class map arrives at its
+original size; MONAI's PIL reader holds 2D images as (width, height), which is turned back to
+(height, width) here so every picture lies over its input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+from monai_unet_bundle.curves import PALETTE, overlay
+from monai_unet_bundle.data import InputScan, file_stem
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, Image2DReader, Nifti2DReader
+from monai_unet_bundle.rle import _order, rle_encode
+
+__all__ = ["InferenceOutputs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _source(item: dict) -> str:
+    for key in ("image", "pred"):
+        meta = getattr(item.get(key), "meta", None) or {}
+        if meta.get("filename_or_obj"):
+            return str(meta["filename_or_obj"])
+    return "<unknown>"
+
+
+def _hw(array: np.ndarray, path: str) -> np.ndarray:
+    """MONAI array of a 2D file -> (H, W, ...) as PIL shows it (NIfTI arrays are left as stored)."""
+    return array if path.lower().endswith(NIFTI_SUFFIXES) else np.swapaxes(array, 0, 1)
+
+
+class InferenceOutputs:
+    """Write the optional extra outputs and the inference summary.
+
+    Args:
+        output_dir: the inference output folder.
+        num_classes: classes including background.
+        scan: the :class:`~monai_unet_bundle.data.InputScan` of the run (for skipped files and paths).
+        overlays: write ``overlays/<stem>.png`` (image with the mask drawn over it).
+        colour_masks: write ``colour/<stem>.png`` (each class in its colour).
+        probabilities: write ``probabilities/<stem>_<class>.png`` (probability x 255) from the ``prob`` key.
+        rle_csv: file name (in ``output_dir``) of a Kaggle ``img,rle_mask`` CSV of the foreground, or ``None``.
+        rle_order: ``row`` or ``column`` pixel order of the RLE.
+        class_names: names used in probability file names.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        num_classes: int,
+        scan: InputScan | None = None,
+        overlays: bool = False,
+        colour_masks: bool = False,
+        probabilities: bool = False,
+        rle_csv: str | None = None,
+        rle_order: str = "row",
+        class_names: list[str] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_classes = int(num_classes)
+        self.scan = scan or InputScan()
+        self.overlays, self.colour_masks, self.probabilities = bool(overlays), bool(colour_masks), bool(probabilities)
+        self.rle_csv = rle_csv
+        self.rle_order = rle_order
+        _order(rle_order)  # validate early
+        self.class_names = class_names or [f"class_{i}" for i in range(num_classes)]
+        self.rows: list[tuple[str, str]] = []
+        self.written: list[dict[str, Any]] = []
+        self._start = 0.0
+        self._bar = None
+
+    def attach(self, engine: Engine) -> None:
+        """Write per iteration, summarise at the end."""
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_batch)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+        self.rows, self.written = [], []
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=len(self.scan.items) or None, desc="inference", unit="image")
+
+    def _relative(self, path: str, suffix: str) -> Path:
+        src = Path(path)
+        root = Path(self.scan.input_dir) if self.scan.input_dir else None
+        rel_parent = src.parent.relative_to(root) if root is not None and root in src.parents else Path()
+        return rel_parent / (file_stem(src) + suffix)
+
+    def _load_rgb(self, path: str) -> np.ndarray:
+        if not path.lower().endswith(NIFTI_SUFFIXES):
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        from monai.transforms import LoadImage
+
+        from monai_unet_bundle.transforms import EnsureChannelsd
+
+        img = LoadImage(reader=[Nifti2DReader(), Image2DReader(kind="image")], image_only=True, ensure_channel_first=True)(path)
+        img = EnsureChannelsd("image", 3).convert(img).float()
+        lo, hi = float(img.min()), float(img.max())
+        arr = np.asarray((img - lo) / (hi - lo) if hi > lo else img * 0)
+        return (_hw(np.moveaxis(arr, 0, -1), path) * 255).astype(np.uint8)
+
+    def _save_png(self, array: np.ndarray, rel: Path) -> str:
+        target = self.output_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(target)
+        return str(target)
+
+    def write_batch(self, engine: Engine) -> None:
+        """Write the extra outputs of every image in the batch."""
+        for item in engine.state.output:
+            path = _source(item)
+            pred = torch.as_tensor(item["pred"]).detach().cpu()
+            index = np.asarray(pred[0] if pred.ndim == 3 else pred).astype(np.int64)
+            index = _hw(index, path)
+            record: dict[str, Any] = {"image": path}
+            saved = (getattr(item["pred"], "meta", None) or {}).get("saved_to")
+            if saved:
+                record["mask"] = str(saved)
+            if self.colour_masks:
+                record["colour"] = self._save_png(PALETTE[np.clip(index, 0, len(PALETTE) - 1)], Path("colour") / self._relative(path, ".png"))
+            if self.overlays:
+                record["overlay"] = self._save_png(overlay(self._load_rgb(path), index), Path("overlays") / self._relative(path, ".png"))
+            if self.probabilities and "prob" in item:
+                prob = np.asarray(torch.as_tensor(item["prob"]).detach().cpu().float())
+                record["probabilities"] = [
+                    self._save_png(
+                        (np.clip(_hw(prob[c], path), 0, 1) * 255).round().astype(np.uint8),
+                        Path("probabilities") / self._relative(path, f"_{self.class_names[c]}.png"),
+                    )
+                    for c in range(1, prob.shape[0])
+                ]
+            if self.rle_csv:
+                self.rows.append((Path(path).name, rle_encode(index > 0, self.rle_order)))
+            self.written.append(record)
+            if self._bar is not None:
+                self._bar.update(1)
+            elif len(self.written) % max(1, len(self.scan.items) // 5 or 1) == 0:
+                logger.info("inference: %d of %d images written", len(self.written), len(self.scan.items))
+
+    def finish(self, engine: Engine) -> dict[str, Any]:
+        """Write the RLE CSV and ``inference_summary.json``; returns the summary."""
+        if self._bar is not None:
+            self._bar.close()
+        seconds = time.perf_counter() - self._start
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.rle_csv:
+            tmp = self.output_dir / f".{self.rle_csv}.tmp"
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["img", "rle_mask"])
+                writer.writerows(sorted(self.rows))
+            os.replace(tmp, self.output_dir / self.rle_csv)
+        summary = {
+            "written": self.written,
+            "skipped": self.scan.skipped,
+            "images_written": len(self.written),
+            "images_skipped": len(self.scan.skipped),
+            "seconds_total": round(seconds, 3),
+            "seconds_per_image": round(seconds / len(self.written), 4) if self.written else None,
+            "rle_csv": str(self.output_dir / self.rle_csv) if self.rle_csv else None,
+            "rle_order": self.rle_order if self.rle_csv else None,
+        }
+        (self.output_dir / "inference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(
+            "inference: %d written, %d skipped, %.3f s per image; summary in %s",
+            len(self.written), len(self.scan.skipped), summary["seconds_per_image"] or 0.0, self.output_dir / "inference_summary.json",
+        )
+        return summary
