@@ -1,0 +1,193 @@
+"""Real multi-process runs: ``torchrun`` with two CPU processes (gloo) on tiny generated data.
+
+``python -m torch.distributed.run`` is ``torchrun``; calling it through ``sys.executable`` keeps
+the test independent of PATH.  ``--tee 3`` prefixes every line a worker prints with its rank
+(``[default0]:``), so the tests can tell which rank logged what.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from tests.conftest import CONFIGS, REPO, config, run_bundle, write_pairs
+
+pytestmark = pytest.mark.slow
+
+#: 12 pairs, 5 of them for validation (rank 0 validates 3, rank 1 validates 2), 7 for training
+DATA = ["--spatial_size", "[32,32]", "--num_workers", "0", "--val_fraction", "0.42"]
+TRAIN = ["--config_file", config("train.json", "multi_gpu_train.json"), *DATA, "--batch_size", "2"]
+EVALUATE = ["--config_file", config("train.json", "evaluate.json", "multi_gpu_evaluate.json"), *DATA]
+PREFIX = re.compile(r"^\[[A-Za-z_]*?(\d+)\]:(.*)$")
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+
+
+def _torchrun_cmd(*launch: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "--tee", "3", "-m", "monai.bundle", "run"]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=<nproc> -m monai.bundle run <args>``; must exit 0."""
+    cmd = _torchrun_cmd("--standalone", f"--nproc_per_node={nproc}") + list(args)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun exit status {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc
+
+
+def by_rank(proc: subprocess.CompletedProcess) -> dict[int, list[str]]:
+    """The workers' output lines, by rank (from ``--tee``'s prefixes)."""
+    lines: dict[int, list[str]] = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = PREFIX.match(line)
+        if m:
+            lines.setdefault(int(m.group(1)), []).append(m.group(2))
+    return lines
+
+
+def count(lines: list[str], text: str) -> int:
+    return sum(text in line for line in lines)
+
+
+def event_file_pids(log_dir: Path) -> set[str]:
+    """PIDs in TensorBoard file names ``events.out.tfevents.<time>.<host>.<pid>.<n>``."""
+    return {p.name.split(".")[-2] for p in log_dir.glob("events.out.tfevents.*")}
+
+
+def curve_epochs(log_dir: Path) -> list[int]:
+    with open(log_dir / "curves.csv") as f:
+        return [int(float(r["epoch"])) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("ddp_data") / "data", n=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ddp_trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two epochs of DistributedDataParallel training on two CPU processes."""
+    root = tmp_path_factory.mktemp("ddp_trained")
+    proc = torchrun(*TRAIN, "--bundle_root", str(root), "--dataset_dir", str(data_dir), "--max_epochs", "2")
+    return root, proc
+
+
+def test_ddp_training_saves_a_plain_state_dict_that_inference_uses(ddp_trained, tmp_path: Path):
+    root, _ = ddp_trained
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state and not any(k.startswith("module.") for k in state), "model.pt holds the DDP wrapper's keys"
+    parser = ConfigParser()
+    parser.read_config(CONFIGS / "inference.json")
+    parser.get_parsed_content("network_def").load_state_dict(state)  # strict
+    resume = torch.load(root / "models" / "resume.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in resume["network"]), "resume.pt must also suit a single-process resume"
+    assert resume["trainer"]["epoch"] == 2 and resume["trainer"]["finished"]
+
+    # predict two new images of other sizes through the CLI: one mask each, at the image's size
+    new = tmp_path / "new"
+    new.mkdir()
+    sizes = {"a": (37, 45), "b": (50, 29)}  # height, width
+    for seed, (stem, size) in enumerate(sizes.items()):
+        src = write_pairs(tmp_path / stem, n=1, size=size, seed=seed + 5)
+        shutil.copy(src / "images" / "case_00.png", new / f"{stem}.png")
+    out = tmp_path / "masks"
+    run_bundle(
+        "--config_file", config("inference.json"), "--bundle_root", str(root), "--input_dir", str(new),
+        "--output_dir", str(out), "--spatial_size", "[32,32]", "--num_workers", "0",
+    )
+    for stem, (h, w) in sizes.items():
+        mask = Image.open(out / f"{stem}.png")
+        assert mask.size == (w, h)
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+
+
+def test_ddp_training_logs_and_writes_on_rank_0_only(ddp_trained):
+    root, proc = ddp_trained
+    lines = by_rank(proc)
+    assert count(lines[0], "process group: rank 0 of 2 (gloo)") == 1
+    assert count(lines[1], "process group: rank 1 of 2 (gloo)") == 1
+    assert count(lines[0], "Metrics -- val_mean_dice") == 2 and count(lines[1], "Metrics -- val_mean_dice") == 0
+    assert count(lines[0], "epoch 2/2 done") == 1 and count(lines[1], "epoch 2/2 done") == 0
+    assert count(lines[0], "saved the best model so far") >= 1 and count(lines[1], "saved the best model so far") == 0
+    logs = root / "logs"
+    assert len(event_file_pids(logs)) == 1, f"TensorBoard files from several processes: {sorted(logs.iterdir())}"
+    assert curve_epochs(logs) == [1, 2]
+    assert sorted(p.name for p in (logs / "previews").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+
+
+def test_ddp_evaluation_reports_every_image_once_like_a_single_process(ddp_trained, data_dir: Path, tmp_path: Path):
+    root, _ = ddp_trained
+    # batch size 1: rank 0 evaluates 3 images in 3 iterations, rank 1 2 in 2
+    proc = torchrun(
+        *EVALUATE, "--bundle_root", str(root), "--dataset_dir", str(data_dir), "--batch_size", "1",
+        "--output_dir", str(tmp_path / "ddp"),
+    )
+    run_bundle(
+        "--config_file", config("train.json", "evaluate.json"), *DATA, "--batch_size", "1",
+        "--bundle_root", str(root), "--dataset_dir", str(data_dir), "--output_dir", str(tmp_path / "single"),
+    )
+    ddp_csv = (tmp_path / "ddp" / "metrics_per_image.csv").read_text()
+    assert len(ddp_csv.splitlines()) == 1 + 5
+    assert ddp_csv == (tmp_path / "single" / "metrics_per_image.csv").read_text()
+    assert (tmp_path / "ddp" / "metrics_summary.json").read_text() == (tmp_path / "single" / "metrics_summary.json").read_text()
+    lines = by_rank(proc)
+    assert count(lines[0], "Metrics -- val_mean_dice") == 1 and count(lines[1], "Metrics -- val_mean_dice") == 0
+    assert count(lines[0], "evaluation of 5 images") == 1 and count(lines[1], "evaluation of 5 images") == 0
+
+
+def test_early_stopping_stops_both_ranks_after_the_same_epoch(data_dir: Path, tmp_path: Path):
+    # epoch 1 always improves on nothing; epoch 2 cannot beat it by 0.99 -> stop after epoch 2 of 8
+    proc = torchrun(
+        *TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir), "--max_epochs", "8",
+        "--early_stop_patience", "1", "--early_stop_min_delta", "0.99",
+    )
+    lines = by_rank(proc)
+    for rank in (0, 1):
+        assert count(lines[rank], "early stopping: no val_mean_dice improvement") == 1, f"rank {rank}"
+        assert count(lines[rank], "SupervisedTrainer - INFO - Terminate signaled") == 1, f"rank {rank}"
+        assert count(lines[rank], "SupervisedEvaluator - INFO - Epoch[2] Complete") == 1, f"rank {rank}"
+        assert count(lines[rank], "Epoch[3]") == 0, f"rank {rank} trained on"
+    resume = torch.load(tmp_path / "models" / "resume.pt", weights_only=True)
+    assert resume["trainer"]["epoch"] == 2 and resume["early_stop"]["counter"] == 1
+    assert curve_epochs(tmp_path / "logs") == [1, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
+    """The README's multi-node command, with two 'nodes' of one process each on this machine."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "t"]
+    args = [*TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir), "--max_epochs", "1"]
+    nodes = [
+        subprocess.Popen(_torchrun_cmd(*launch) + args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n\n".join(o[-4000:] for o in outputs)
+    ranks = sorted(int(m) for o in outputs for m in re.findall(r"process group: rank (\d) of 2 \(gloo\)", o))
+    assert ranks == [0, 1]
+    assert (tmp_path / "models" / "model.pt").is_file() and curve_epochs(tmp_path / "logs") == [1]
+    assert len(event_file_pids(tmp_path / "logs")) == 1
