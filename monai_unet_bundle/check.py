@@ -14,10 +14,8 @@ times), so a large data set is read once, not at every run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.data import (
     _load_datalist,
     find_pairs,
+    fingerprint,
     missing_masks_message,
     split_pairs,
 )
@@ -57,17 +57,6 @@ def inspect_image(path: str) -> tuple[tuple[int, int], str]:
     with Image.open(path) as img:
         img.load()  # decode fully: a truncated file must show up here, not in the middle of training
         return (img.height, img.width), img.mode
-
-
-def _fingerprint(files: Sequence[str], settings: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for path in sorted(set(files)):
-        try:
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}|missing\n".encode())
-    return h.hexdigest()
 
 
 def _discover(
@@ -157,14 +146,14 @@ def checked_datalists(
         "thresholds": None if to_index.thresholds is None else to_index.thresholds.tolist(),
         "allow_lossy": to_index.allow_lossy, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
     }
-    fingerprint = _fingerprint([f for d in items for f in d.values()], settings)
+    fingerprint_ = fingerprint([f for d in items for f in d.values()], settings)
     report_file = Path(report_path) if report_path else None
     if not problems and report_file is not None and report_file.is_file():
         try:
             cached = json.loads(report_file.read_text())
         except (OSError, json.JSONDecodeError):
             cached = {}
-        if cached.get("fingerprint") == fingerprint and cached.get("ok"):
+        if cached.get("fingerprint") == fingerprint_ and cached.get("ok"):
             logger.info("data check: unchanged since the last check (%s); %s", report_file, cached.get("summary", ""))
             return lists
 
@@ -229,13 +218,10 @@ def checked_datalists(
         "mask_values": sorted(raw_values)[:64],
         "class_pixel_frequency": frequency,
         "spatial_size": list(spatial_size),
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint_,
     }
     if report_file is not None:
-        report_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = report_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, report_file)
+        atomic_write_text(report_file, json.dumps(report, indent=2) + "\n")
     logger.info("data check: %s; image sizes %s to %s (height x width); channels %s", summary,
                 report["image_size"]["min_height_width"], report["image_size"]["max_height_width"], dict(modes))
     logger.info("data check: mask values %s; class pixel frequency %s", report["mask_values"][:16], frequency)

@@ -1,8 +1,8 @@
 """Checkpoint files: atomic writes, the best model, and a resume checkpoint.
 
-* :func:`atomic_save` writes to a temporary file in the target folder, flushes it to disk and
-  renames it over the target, so a kill at any moment leaves either the old file or the new one,
-  never a truncated one.  (MONAI's ``CheckpointSaver`` writes in place and deletes the previous best
+* Every file is written with :func:`monai_unet_bundle.atomic.atomic_save`: a temporary file in the
+  target folder, flushed to disk and renamed over the target, so a kill at any moment leaves either
+  the old file or the new one, never a truncated one.  (MONAI's ``CheckpointSaver`` writes in place and deletes the previous best
   model before writing the next, which a kill can turn into a truncated or missing ``model.pt``.)
 * :class:`BestModelSaver` keeps ``models/model.pt`` (a plain state dict of the network) at the best
   validation score, and remembers that score across resumes.
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from monai_unet_bundle.atomic import atomic_save
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["BestModelSaver", "ResumeCheckpoint", "atomic_save", "require_checkpoint"]
+__all__ = ["BestModelSaver", "ResumeCheckpoint", "require_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +42,6 @@ def require_checkpoint(path: str | Path) -> str:
             f"no trained model at {str(path)!r}: run configs/train.json first, or pass --ckpt_path with a model.pt."
         )
     return str(path)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` ``obj`` to ``path`` through a temporary file and an atomic rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class BestModelSaver:
@@ -165,5 +147,8 @@ class ResumeCheckpoint:
         epoch, iteration = int(progress.get("epoch", 0)), int(progress.get("iteration", 0))
         if epoch >= engine.state.max_epochs:
             logger.info("the resumed run already reached epoch %d of max_epochs %d", epoch, engine.state.max_epochs)
-        engine.state.epoch, engine.state.iteration = epoch, iteration
+        # checkpoints are written at epoch ends, so the iteration follows from the epoch; deriving it
+        # keeps a resume right when the iterations per epoch changed (batch size, data, processes)
+        length = engine.state.epoch_length
+        engine.state.epoch, engine.state.iteration = epoch, epoch * length if length else iteration
         logger.info("resumed from %s at epoch %d (iteration %d)", self.path, epoch, iteration)

@@ -8,7 +8,9 @@ validation list, a deterministic split (seeded shuffle) takes ``val_fraction`` o
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import logging
 import random
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ __all__ = [
     "build_datalists",
     "InputScan",
     "find_pairs",
+    "fingerprint",
     "missing_masks_message",
     "file_stem",
     "list_images",
@@ -45,6 +48,21 @@ def file_stem(path: str | Path) -> str:
         if lower.endswith(ext):
             return name[: -len(ext)]
     return Path(name).stem
+
+
+def fingerprint(paths: Sequence[str], settings: object = None) -> str:
+    """A hash of ``settings`` and of each file's absolute path, size and modification time.
+
+    Caches keyed by it (class weights, data-check reports) go stale as soon as a file changes.
+    """
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(set(map(str, paths))):
+        try:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}|missing\n".encode())
+    return h.hexdigest()
 
 
 def _is_image(path: Path) -> bool:

@@ -14,10 +14,8 @@ pixel frequencies from the training masks once (cached on disk), normalised to m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 
+from monai_unet_bundle.atomic import atomic_write_text
+from monai_unet_bundle.data import fingerprint
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.transforms import MaskToIndexd, mask_loader
 
@@ -141,11 +141,7 @@ def inverse_frequency_weights(counts: Sequence[int]) -> np.ndarray:
 
 
 def _cache_key(label_files: Sequence[str], num_classes: int) -> str:
-    h = hashlib.sha256(str(num_classes).encode())
-    for path in sorted(label_files):
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return fingerprint(label_files, {"num_classes": num_classes})[:16]
 
 
 def resolve_class_weights(
@@ -177,10 +173,7 @@ def resolve_class_weights(
         else:
             counts = class_pixel_counts(files, num_classes, mask_to_index).tolist()
             weights = inverse_frequency_weights(counts).tolist()
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pixel_counts": counts, "weights": weights}, indent=2))
-            os.replace(tmp, cache)
+            atomic_write_text(cache, json.dumps({"pixel_counts": counts, "weights": weights}, indent=2))
         freq = np.asarray(counts, dtype=float) / max(1, sum(counts))
         logger.info(
             "class weights (auto, inverse pixel frequency over %d masks): %s; pixel frequencies: %s",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -65,10 +66,14 @@ class LrScheduleStepper:
         else:
             trainer.add_event_handler(Events.EPOCH_COMPLETED, self._step)
 
+    def _log(self) -> None:
+        if idist.get_rank() == 0:
+            logger.info("learning rate %.3g", self.scheduler.optimizer.param_groups[0]["lr"])
+
     def _step(self, engine: Engine) -> None:
         self.scheduler.step()
-        logger.info("learning rate %.3g", self.scheduler.optimizer.param_groups[0]["lr"])
+        self._log()
 
     def _step_on_metric(self, engine: Engine) -> None:
         self.scheduler.step(float(engine.state.metrics[self.metric_name]))
-        logger.info("learning rate %.3g", self.scheduler.optimizer.param_groups[0]["lr"])
+        self._log()

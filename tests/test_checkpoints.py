@@ -5,7 +5,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_unet_bundle.checkpoints import BestModelSaver, ResumeCheckpoint, atomic_save, require_checkpoint
+from monai_unet_bundle.atomic import atomic_save, atomic_write_text
+from monai_unet_bundle.checkpoints import BestModelSaver, ResumeCheckpoint, require_checkpoint
 from monai_unet_bundle.errors import BundleInputError
 
 
@@ -30,6 +31,40 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_save({"x": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_atomic_write_text_from_two_processes_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom monai_unet_bundle.atomic import atomic_write_text\n"
+        "for i in range(300):\n    atomic_write_text(sys.argv[1], sys.argv[2] * 1000)\n"
+    )
+    target = tmp_path / "report.json"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), tag]) for tag in "ab"]
+    assert [p.wait() for p in procs] == [0, 0]
+    assert target.read_text() in ("a" * 1000, "b" * 1000)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    atomic_write_text(target, "done")
+    assert target.read_text() == "done"
+
+
+def test_resume_derives_the_iteration_when_epochs_change_length(tmp_path):
+    first = _trainer([])
+
+    def crash(engine):
+        raise KeyboardInterrupt
+
+    ResumeCheckpoint(tmp_path / "r.pt", {}).attach(first)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), crash)
+    with pytest.raises(KeyboardInterrupt):
+        first.run([0, 1, 2], max_epochs=4)  # 3 iterations per epoch: saved at iteration 6
+    seen: list[int] = []
+    second = _trainer(seen)
+    ResumeCheckpoint(tmp_path / "r.pt", {}).attach(second)
+    second.run([0, 1, 2, 3, 4, 5], max_epochs=4)  # now 6 per epoch, as with half the processes
+    assert seen == [3, 4] and second.state.iteration == 24
 
 
 def test_require_checkpoint(tmp_path):
