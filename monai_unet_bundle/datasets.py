@@ -1,0 +1,96 @@
+"""Data sets that scale: in memory, on a disk cache, or streamed, chosen by one knob.
+
+``cache``:
+
+* ``memory``: MONAI's ``CacheDataset`` keeps the output of the deterministic transforms (loaded,
+  converted, resized) in RAM; the fastest, and right while it fits.
+* ``disk``: MONAI's ``PersistentDataset`` writes that output once to ``cache_dir`` and reads it back
+  every epoch; memory stays bounded whatever the data set's size.
+* ``none``: MONAI's ``Dataset`` reads and transforms every file every epoch; bounded memory, no disk.
+* ``auto`` (default): ``memory`` when the cached tensors need less than a quarter of the memory
+  available now, else ``disk``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from monai_unet_bundle.errors import BundleInputError
+
+__all__ = ["CACHE_MODES", "available_memory_bytes", "choose_cache", "loader_workers", "make_dataset"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_MODES = ("auto", "memory", "disk", "none")
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can give now (``MemAvailable``), or 4 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def choose_cache(cache: str, n_items: int, spatial_size: Sequence[int], in_channels: int, memory: int | None = None) -> str:
+    """Resolve ``cache`` (``auto`` -> ``memory`` or ``disk``) for ``n_items`` cached image/mask pairs.
+
+    Raises:
+        BundleInputError: for a value not in :data:`CACHE_MODES`.
+    """
+    if cache not in CACHE_MODES:
+        raise BundleInputError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}.")
+    if cache != "auto":
+        return cache
+    pixels = 1
+    for s in spatial_size:
+        pixels *= int(s)
+    need = n_items * pixels * (in_channels + 1) * 4  # float32 image channels + mask
+    budget = (memory if memory is not None else available_memory_bytes()) // 4
+    choice = "memory" if need <= budget else "disk"
+    logger.info("cache auto: %d pairs need %.0f MiB cached, budget %.0f MiB: %s", n_items, need / 2**20, budget / 2**20, choice)
+    return choice
+
+
+def loader_workers(num_workers: int | str, cache: str = "memory") -> int:
+    """Data loader processes: the number given, or for ``auto`` what suits this machine.
+
+    With data cached in memory the workers only flip tensors, so one or two are enough; reading
+    files (``disk``/``none``) keeps more busy, up to one per core but one.
+    """
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
+        return num_workers
+    if num_workers != "auto":
+        raise BundleInputError(f"num_workers must be a whole number >= 0 or \"auto\", got {num_workers!r}.")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cache == "memory":
+        return min(2, cpus // 2)
+    return max(1, min(8, cpus - 1))
+
+
+def make_dataset(
+    data: Sequence[dict],
+    transform: Callable,
+    cache: str = "auto",
+    cache_dir: str | Path = "cache/persistent",
+    spatial_size: Sequence[int] = (512, 512),
+    in_channels: int = 3,
+    num_workers: int = 0,
+) -> Dataset:
+    """Build the data set for ``data`` with the caching chosen by ``cache`` (see the module docstring)."""
+    mode = choose_cache(cache, len(data), spatial_size, in_channels)
+    if mode == "memory":
+        return CacheDataset(data=data, transform=transform, cache_rate=1.0, num_workers=num_workers or None)
+    if mode == "disk":
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(data=data, transform=transform, cache_dir=str(cache_dir))
+    return Dataset(data=data, transform=transform)
