@@ -29,7 +29,7 @@ def test_sigkill_then_resume_continues_the_run(tmp_path: Path):
     data = write_pairs(tmp_path / "data", n=8)
     args = [
         "--config_file", config("train.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data),
-        "--max_epochs", "7", "--early_stop_patience", "100", "--early_stop_min_delta", "0.5", *TINY,
+        "--max_epochs", "7", "--early_stop_patience", "100", "--early_stop_min_delta", "1.0", *TINY,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
@@ -48,7 +48,7 @@ def test_sigkill_then_resume_continues_the_run(tmp_path: Path):
     killed_at = state["trainer"]["epoch"]
     assert 3 <= killed_at < 7 and state["trainer"]["finished"] is False
     counter = state["early_stop"]["counter"]
-    assert counter == killed_at - 1  # min_delta 0.5: only the first validation counts as an improvement
+    assert counter == killed_at - 1  # min_delta 1.0: only the first validation (from -inf) counts as an improvement
     torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # the best model is intact too
     assert not [p.name for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
 
