@@ -23,6 +23,8 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from monai_unet_bundle.progress import loss_value
+
 __all__ = ["TrainingCurves", "ValidationPreviews", "overlay", "preview_strip"]
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,7 @@ class TrainingCurves:
         self._loss_sum, self._loss_count = 0.0, 0
 
     def _add_loss(self, engine: Engine) -> None:
-        output = engine.state.output
-        loss = output[0]["loss"] if isinstance(output, list) else output["loss"] if isinstance(output, Mapping) else output
-        self._loss_sum += float(loss)
+        self._loss_sum += loss_value(engine.state.output)
         self._loss_count += 1
 
     def add_row(self, evaluator: Engine) -> None:

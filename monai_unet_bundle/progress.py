@@ -9,15 +9,17 @@ from typing import Any, TextIO
 
 from ignite.engine import Engine, Events
 
-__all__ = ["TrainingProgress"]
+__all__ = ["TrainingProgress", "loss_value"]
 
 logger = logging.getLogger(__name__)
 
 
-def _loss(output: Any) -> float:
+def loss_value(output: Any) -> float:
+    """The loss in an engine output: a dict, a decollated list of dicts, or the loss itself."""
     if isinstance(output, list):
         output = output[0]
-    return float(output["loss"] if isinstance(output, Mapping) else output)
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    return float(loss.detach()) if hasattr(loss, "detach") else float(loss)
 
 
 class TrainingProgress:
@@ -42,7 +44,7 @@ class TrainingProgress:
         if self.stream.isatty():
             from ignite.handlers import ProgressBar
 
-            ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": _loss(out)})
+            ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": loss_value(out)})
         else:
             engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._log_iteration)
@@ -52,7 +54,7 @@ class TrainingProgress:
         self._loss_sum, self._count = 0.0, 0
 
     def _log_iteration(self, engine: Engine) -> None:
-        self._loss_sum += _loss(engine.state.output)
+        self._loss_sum += loss_value(engine.state.output)
         self._count += 1
         length = engine.state.epoch_length or 1
         step = max(1, length // self.lines_per_epoch)
@@ -63,6 +65,6 @@ class TrainingProgress:
             )
 
     def _log_epoch(self, engine: Engine) -> None:
-        mean = f", mean loss {self._loss_sum / self._count:.4f}" if self._count else f", last loss {_loss(engine.state.output):.4f}"
+        mean = f", mean loss {self._loss_sum / self._count:.4f}" if self._count else f", last loss {loss_value(engine.state.output):.4f}"
         seconds = engine.state.times.get("EPOCH_COMPLETED") or 0.0
         logger.info("epoch %d/%d done in %.1f s%s", engine.state.epoch, engine.state.max_epochs, seconds, mean)
