@@ -106,3 +106,11 @@ def test_onnx_export_matches_pytorch_in_onnx_runtime(trained_bundle: Path, tmp_p
     (onnx_out,) = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
         assert np.allclose(onnx_out, net(x).numpy(), atol=1e-4)
+
+
+def test_model_zoo_files_license_and_bundle_card():
+    assert "Apache License" in (REPO / "LICENSE").read_text() and "Version 2.0" in (REPO / "LICENSE").read_text()
+    card = (REPO / "docs" / "README.md").read_text()
+    for heading in ("## Overview", "## Data", "## Training", "## Performance", "## Commands", "## Intended use and limitations"):
+        assert heading in card, heading
+    assert "CPU" in card and "Dice" in card  # figures come with the hardware they were measured on
