@@ -19,18 +19,11 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from monai_unet_bundle.atomic import atomic_write_text
-from monai_unet_bundle.data import (
-    _load_datalist,
-    find_pairs,
-    fingerprint,
-    missing_masks_message,
-    split_pairs,
-)
+from monai_unet_bundle.data import discover_datalists, fingerprint
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.networks import check_spatial_size
 from monai_unet_bundle.readers import NIFTI_SUFFIXES
@@ -59,51 +52,6 @@ def inspect_image(path: str) -> tuple[tuple[int, int], str]:
         return (img.height, img.width), img.mode
 
 
-def _discover(
-    dataset_dir: str | Path,
-    datalist: str | Path | None,
-    val_fraction: float,
-    seed: int,
-    mask_suffix: str,
-    val_dataset_dir: str | Path | None,
-    problems: list[str],
-    warnings: list[str],
-) -> dict[str, list[dict[str, str]]]:
-    """Build the lists, recording problems instead of stopping at the first."""
-    base = Path(dataset_dir)
-    if datalist:
-        try:
-            lists = _load_datalist(datalist, base)
-        except BundleInputError as exc:
-            problems.append(str(exc))
-            return {"training": [], "validation": []}
-    else:
-        if not base.is_dir():
-            problems.append(f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/.")
-            return {"training": [], "validation": []}
-        lists = {"training": []}
-        for key, folder in (("training", base), ("validation", val_dataset_dir)):
-            if not folder:
-                continue
-            try:
-                pairs, missing, orphans = find_pairs(folder, mask_suffix)
-            except BundleInputError as exc:
-                problems.append(str(exc))
-                continue
-            if missing:
-                problems.append(missing_masks_message(Path(folder) / "images", Path(folder) / "masks", missing, mask_suffix))
-            if orphans:
-                warnings.append(f"{len(orphans)} mask(s) in {str(Path(folder) / 'masks')!r} have no image and are ignored: {', '.join(orphans[:5])}.")
-            lists[key] = pairs
-    if not lists.get("validation"):
-        try:
-            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
-        except BundleInputError as exc:
-            problems.append(f"{exc} The validation split would be empty, so no model could ever be saved.")
-            lists.setdefault("validation", [])
-    return lists
-
-
 def checked_datalists(
     dataset_dir: str | Path,
     datalist: str | Path | None,
@@ -121,7 +69,7 @@ def checked_datalists(
 
     Args:
         dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir: as for
-            :func:`monai_unet_bundle.data.build_datalists`.
+            :func:`monai_unet_bundle.data.discover_datalists`.
         num_classes: classes including background.
         spatial_size: the network input size, checked against the U-Net's stride.
         mask_to_index: the mask conversion the pipeline uses (palette, thresholds, lossy policy).
@@ -131,14 +79,12 @@ def checked_datalists(
     Raises:
         BundleInputError: listing every problem found, one per line.
     """
-    problems: list[str] = []
-    warnings: list[str] = []
+    lists, problems, warnings = discover_datalists(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir)
     try:
         check_spatial_size(spatial_size)
     except BundleInputError as exc:
-        problems.append(str(exc))
+        problems.insert(0, str(exc))
     to_index = mask_to_index or MaskToIndexd("label", num_classes)
-    lists = _discover(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir, problems, warnings)
     items = [d for section in lists.values() for d in section]
     settings = {
         "version": REPORT_VERSION, "num_classes": num_classes, "spatial_size": list(spatial_size),

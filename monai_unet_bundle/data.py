@@ -26,10 +26,10 @@ __all__ = [
     "InputScan",
     "find_pairs",
     "fingerprint",
+    "discover_datalists",
     "missing_masks_message",
     "file_stem",
     "list_images",
-    "pair_images_and_masks",
     "scan_inputs",
     "split_pairs",
 ]
@@ -136,22 +136,6 @@ def missing_masks_message(images_dir: str | Path, masks_dir: str | Path, missing
     )
 
 
-def pair_images_and_masks(dataset_dir: str | Path, mask_suffix: str = "") -> list[dict[str, str]]:
-    """Pair images and masks as :func:`find_pairs` does, refusing images without a mask.
-
-    Returns:
-        ``[{"image": path, "label": path}, ...]`` sorted by image path.
-
-    Raises:
-        BundleInputError: when a folder is missing, holds no images, or an image has no mask.
-    """
-    pairs, missing, _ = find_pairs(dataset_dir, mask_suffix)
-    if missing:
-        root = Path(dataset_dir)
-        raise BundleInputError(missing_masks_message(root / "images", root / "masks", missing, mask_suffix))
-    return pairs
-
-
 def split_pairs(
     pairs: Sequence[dict[str, str]], val_fraction: float, seed: int = 0
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -229,6 +213,69 @@ def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[
     return out
 
 
+def discover_datalists(
+    dataset_dir: str | Path,
+    datalist: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    mask_suffix: str = "",
+    val_dataset_dir: str | Path | None = None,
+) -> tuple[dict[str, list[dict[str, str]]], list[str], list[str]]:
+    """Build the ``training``/``validation`` (and optional ``test``) lists, collecting every problem.
+
+    Args:
+        dataset_dir: folder with ``images/`` and ``masks/``; also the base of relative datalist paths.
+        datalist: optional Decathlon-style JSON or ``image,label[,split]`` CSV; when it has no
+            validation list, its training list is split with ``val_fraction``.
+        val_fraction: share of pairs held out for validation when no validation list is given.
+        seed: seed of the split.
+        mask_suffix: see :func:`find_pairs`.
+        val_dataset_dir: a separate folder with ``images/`` and ``masks/`` for validation; then
+            ``dataset_dir`` is used for training only and nothing is split.
+
+    Returns:
+        ``(lists, problems, warnings)``: problems block training (missing folders or masks, an
+        empty validation split); warnings do not (masks without an image).
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    base = Path(dataset_dir)
+    lists: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
+    if datalist:
+        try:
+            lists = _load_datalist(datalist, base)
+        except BundleInputError as exc:
+            problems.append(str(exc))
+            return lists, problems, warnings
+    elif not base.is_dir():
+        problems.append(f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/.")
+        return lists, problems, warnings
+    else:
+        for key, folder in (("training", base), ("validation", val_dataset_dir)):
+            if not folder:
+                continue
+            if not Path(folder).is_dir():
+                problems.append(f"val_dataset_dir {str(folder)!r} does not exist: pass a folder holding images/ and masks/.")
+                continue
+            try:
+                pairs, missing, orphans = find_pairs(folder, mask_suffix)
+            except BundleInputError as exc:
+                problems.append(str(exc))
+                continue
+            if missing:
+                problems.append(missing_masks_message(Path(folder) / "images", Path(folder) / "masks", missing, mask_suffix))
+            if orphans:
+                warnings.append(f"{len(orphans)} mask(s) in {str(Path(folder) / 'masks')!r} have no image and are ignored: {_listing(orphans)}.")
+            lists[key] = pairs
+    if not lists.get("validation"):
+        try:
+            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
+        except BundleInputError as exc:
+            problems.append(f"{exc} The validation split would be empty, so no model could ever be saved.")
+            lists["validation"] = []
+    return lists, problems, warnings
+
+
 def build_datalists(
     dataset_dir: str | Path,
     datalist: str | Path | None = None,
@@ -237,43 +284,14 @@ def build_datalists(
     mask_suffix: str = "",
     val_dataset_dir: str | Path | None = None,
 ) -> dict[str, list[dict[str, str]]]:
-    """Build the ``training``/``validation`` (and optional ``test``) lists the configs consume.
-
-    Args:
-        dataset_dir: folder with ``images/`` and ``masks/``; also the base of relative datalist paths.
-        datalist: optional Decathlon-style JSON; when it has no ``validation`` list, its ``training``
-            list is split with ``val_fraction``.
-        val_fraction: share of pairs held out for validation when no validation list is given.
-        seed: seed of the split.
-        mask_suffix: see :func:`pair_images_and_masks`.
-        val_dataset_dir: a separate folder with ``images/`` and ``masks/`` for validation; then
-            ``dataset_dir`` is used for training only and nothing is split.
+    """The lists of :func:`discover_datalists`, refusing them when there is any problem.
 
     Raises:
-        BundleInputError: on a missing folder or file, or when the validation list would be empty.
+        BundleInputError: listing every problem, one per line after the first.
     """
-    base = Path(dataset_dir)
-    if datalist:
-        lists = _load_datalist(datalist, base)
-        if not lists.get("validation"):
-            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
-    else:
-        if not base.is_dir():
-            raise BundleInputError(
-                f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/."
-            )
-        if val_dataset_dir:
-            if not Path(val_dataset_dir).is_dir():
-                raise BundleInputError(f"val_dataset_dir {str(val_dataset_dir)!r} does not exist: pass a folder holding images/ and masks/.")
-            lists = {
-                "training": pair_images_and_masks(base, mask_suffix),
-                "validation": pair_images_and_masks(val_dataset_dir, mask_suffix),
-            }
-        else:
-            train, val = split_pairs(pair_images_and_masks(base, mask_suffix), val_fraction, seed)
-            lists = {"training": train, "validation": val}
-    if not lists["training"]:
-        raise BundleInputError("the training list is empty: give at least one image/mask pair for training.")
+    lists, problems, _ = discover_datalists(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir)
+    if problems:
+        raise BundleInputError("\n  - ".join(problems))
     logger.info("data: %d training, %d validation pairs", len(lists["training"]), len(lists["validation"]))
     return lists
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from monai_unet_bundle.data import build_datalists, file_stem, list_images, pair_images_and_masks, split_pairs
+from monai_unet_bundle.data import build_datalists, file_stem, find_pairs, list_images, split_pairs
 from monai_unet_bundle.errors import BundleInputError
 
 
@@ -27,24 +27,27 @@ def test_pairs_by_stem_with_suffix_and_subfolders(tmp_path):
     _touch_png(tmp_path / "images" / "sub" / "car_02.PNG")
     _touch_png(tmp_path / "masks" / "car_01_mask.png")
     _touch_png(tmp_path / "masks" / "sub" / "car_02_mask.png")
-    pairs = pair_images_and_masks(tmp_path, mask_suffix="_mask")
+    pairs, missing, orphans = find_pairs(tmp_path, mask_suffix="_mask")
     assert [Path(p["label"]).name for p in pairs] == ["car_01_mask.png", "car_02_mask.png"]
+    assert missing == [] and orphans == []
     # without an explicit suffix, '_mask' is still recognised
-    assert pair_images_and_masks(tmp_path) == pairs
+    assert find_pairs(tmp_path)[0] == pairs
 
 
 def test_missing_mask_is_named(tmp_path):
     _touch_png(tmp_path / "images" / "a.png")
     _touch_png(tmp_path / "images" / "b.png")
     _touch_png(tmp_path / "masks" / "a.png")
+    _touch_png(tmp_path / "masks" / "z.png")
+    assert find_pairs(tmp_path)[1:] == (["images/b.png"], ["masks/z.png"])
     with pytest.raises(BundleInputError, match=r"1 image\(s\).*no mask.*images/b.png"):
-        pair_images_and_masks(tmp_path)
+        build_datalists(tmp_path)
 
 
 def test_missing_masks_folder_is_named(tmp_path):
     _touch_png(tmp_path / "images" / "a.png")
     with pytest.raises(BundleInputError, match=r"has no 'masks/' folder"):
-        pair_images_and_masks(tmp_path)
+        find_pairs(tmp_path)
 
 
 def test_split_is_deterministic_and_never_empty():
