@@ -9,8 +9,9 @@ process shares the machine, so candidates measured one after another compare fai
     python scripts/compare_networks.py --epochs 8                # binary demo
     python scripts/compare_networks.py --epochs 8 --num_classes 3
 
-Candidates: MONAI's ``BasicUNet`` (the classic max-pool U-Net, the bundle's network) with base
-features 8, 16 (default) and 32, and MONAI's strided ``UNet`` (channels 16..256, two residual units).
+Candidates: ``--architecture basic_unet`` (MONAI's ``BasicUNet``, the classic max-pool U-Net, the
+default) with base features 8, 16 (default) and 32, and ``--architecture unet`` (MONAI's strided
+``UNet``, channels 16..256, two residual units).
 """
 
 from __future__ import annotations
@@ -29,12 +30,7 @@ CANDIDATES = {
     "basic_unet_f8": {"base_features": 8},
     "basic_unet_f16": {"base_features": 16},
     "basic_unet_f32": {"base_features": 32},
-    "monai_unet_res2": {
-        "network_def": {
-            "_target_": "UNet", "spatial_dims": 2, "in_channels": "@in_channels", "out_channels": "@num_classes",
-            "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 2, "norm": "batch",
-        }
-    },
+    "unet_f16": {"architecture": "unet", "base_features": 16},
 }
 
 CHILD = r"""

@@ -41,3 +41,17 @@ def test_unet_shapes_and_layers(act):
     assert {"MaxPool2d", "ConvTranspose2d", "BatchNorm2d", {"elu": "ELU", "relu": "ReLU"}[act]} <= kinds
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs) == 18  # two 3x3 convs per level: 5 levels down + 4 up
+
+
+def test_build_network_by_name():
+    from monai.networks.nets import BasicUNet, UNet
+
+    from monai_unet_bundle.networks import build_network
+
+    classic = build_network("basic_unet", 3, 2, 8, "relu")
+    strided = build_network("unet", 1, 4, 8, "elu")
+    assert isinstance(classic, BasicUNet) and isinstance(strided, UNet)
+    assert strided(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)
+    assert any(isinstance(m, torch.nn.ELU) for m in strided.modules())
+    with pytest.raises(BundleInputError, match="architecture 'segformer' is not supported: use one of basic_unet, unet"):
+        build_network("segformer")
