@@ -27,6 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.transforms import item_source
 
 __all__ = ["SegmentationReport", "confusion_matrix", "default_class_names", "scores"]
 
@@ -121,14 +122,6 @@ def _to_index(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(0) if x.shape[0] > 1 else x[0]
 
 
-def _filename(item: dict) -> str:
-    for key in ("image", "label"):
-        meta = getattr(item.get(key), "meta", None) or {}
-        if meta.get("filename_or_obj"):
-            return str(meta["filename_or_obj"])
-    return "<unknown>"
-
-
 class SegmentationReport:
     """Ignite handler writing per-image metrics, a summary and a readable report after an evaluation.
 
@@ -177,7 +170,7 @@ class SegmentationReport:
         """Add one confusion matrix per image of the current batch."""
         for item in self.output_transform(engine.state.output):
             cm = confusion_matrix(_to_index(item["pred"]), _to_index(item["label"]), self.num_classes)
-            self.rows.append((_filename(item), cm))
+            self.rows.append((item_source(item, ("image", "label")), cm))
 
     def summary(self) -> dict[str, Any]:
         """Means over images and data-set-level scores of everything collected."""

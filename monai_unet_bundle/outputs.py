@@ -26,18 +26,11 @@ from monai_unet_bundle.curves import PALETTE, overlay
 from monai_unet_bundle.data import InputScan, file_stem
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, Image2DReader, Nifti2DReader
 from monai_unet_bundle.rle import _order, rle_encode
+from monai_unet_bundle.transforms import item_source
 
 __all__ = ["InferenceOutputs"]
 
 logger = logging.getLogger(__name__)
-
-
-def _source(item: dict) -> str:
-    for key in ("image", "pred"):
-        meta = getattr(item.get(key), "meta", None) or {}
-        if meta.get("filename_or_obj"):
-            return str(meta["filename_or_obj"])
-    return "<unknown>"
 
 
 def _hw(array: np.ndarray, path: str) -> np.ndarray:
@@ -128,7 +121,7 @@ class InferenceOutputs:
     def write_batch(self, engine: Engine) -> None:
         """Write the extra outputs of every image in the batch."""
         for item in engine.state.output:
-            path = _source(item)
+            path = item_source(item, ("image", "pred"))
             pred = torch.as_tensor(item["pred"]).detach().cpu()
             index = np.asarray(pred[0] if pred.ndim == 3 else pred).astype(np.int64)
             index = _hw(index, path)

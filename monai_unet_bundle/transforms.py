@@ -21,7 +21,7 @@ from monai.transforms import LoadImage, MapTransform
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import Image2DReader, Nifti2DReader
 
-__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "mask_loader", "source_name"]
+__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "item_source", "mask_loader", "source_name"]
 
 # ITU-R BT.601 luma weights, as PIL uses for RGB -> L
 _LUMA = (0.299, 0.587, 0.114)
@@ -32,6 +32,15 @@ def source_name(img: object) -> str:
     meta = getattr(img, "meta", None) or {}
     name = meta.get("filename_or_obj")
     return str(name) if name else "<unknown file>"
+
+
+def item_source(item: Mapping, keys: Sequence[str] = ("image", "label", "pred")) -> str:
+    """The file a decollated item came from: the first of ``keys`` whose metadata names one."""
+    for key in keys:
+        name = source_name(item.get(key))
+        if name != "<unknown file>":
+            return name
+    return "<unknown file>"
 
 
 def mask_loader(palette_to_rgb: bool = False) -> LoadImage:
@@ -236,27 +245,18 @@ class ReloadLabeld(MapTransform):
     """Replace each mask by the same file read again at its original size, as a class-index map.
 
     The file is the one the mask was loaded from (``meta["filename_or_obj"]``); it goes through
-    the same reader and :class:`MaskToIndexd` as in training, so values mean the same.
+    the same readers and the same :class:`MaskToIndexd` as in training, so values mean the same.
 
     Args:
         keys: keys of the masks.
-        num_classes: classes including background.
-        palette, thresholds, allow_lossy: as for :class:`MaskToIndexd`.
+        to_index: the pipeline's mask conversion (``num_classes``, palette, thresholds, lossy policy).
         allow_missing_keys: don't raise when a key is absent.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        num_classes: int,
-        palette: Sequence[Sequence[int]] | None = None,
-        thresholds: Sequence[float] | None = None,
-        allow_lossy: bool = False,
-        allow_missing_keys: bool = False,
-    ) -> None:
+    def __init__(self, keys: KeysCollection, to_index: MaskToIndexd, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.load = mask_loader(palette is not None)
-        self.to_index = MaskToIndexd(keys, num_classes, palette, thresholds, allow_lossy)
+        self.load = mask_loader(to_index.palette is not None)
+        self.to_index = to_index
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -64,3 +64,12 @@ def test_values_outside_classes_are_named():
 
 def test_source_name_without_meta():
     assert source_name(torch.zeros(1)) == "<unknown file>"
+
+
+def test_item_source_takes_the_first_named_key():
+    from monai_unet_bundle.transforms import item_source
+
+    item = {"image": torch.zeros(1), "label": _img(torch.zeros(1, 1, 1), "/m/l.png"), "pred": _img(torch.zeros(1), "/p.png")}
+    assert item_source(item) == "/m/l.png"
+    assert item_source(item, ("pred",)) == "/p.png"
+    assert item_source({"image": torch.zeros(1)}) == "<unknown file>"
