@@ -9,7 +9,8 @@ from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.progress import TrainingProgress
-from monai_unet_bundle.runtime import configure_determinism, resolve_amp
+from monai_unet_bundle.networks import build_network
+from monai_unet_bundle.runtime import configure_determinism, place_network, resolve_amp, use_channels_last
 from monai_unet_bundle.schedules import LrScheduleStepper, build_scheduler
 
 
@@ -53,6 +54,35 @@ def test_amp_resolution(recwarn):
     assert "no effect on the CPU" in str(recwarn.pop(UserWarning).message)
     with pytest.raises(BundleInputError, match="amp must be auto, true or false"):
         resolve_amp("fast", "cpu")
+
+
+def test_channels_last_resolution():
+    assert use_channels_last("auto", "cpu") is True
+    assert use_channels_last("auto", "cuda:0") is False and use_channels_last(True, "cuda") is True
+    assert use_channels_last("false", "cpu") is False
+    with pytest.raises(BundleInputError, match="channels_last must be auto, true or false"):
+        use_channels_last("nhwc", "cpu")
+
+
+def test_channels_last_network_gives_the_same_outputs_and_a_portable_state_dict():
+    torch.manual_seed(0)
+    plain = build_network("basic_unet", 3, 2, 4).eval()
+    nhwc = place_network(build_network("basic_unet", 3, 2, 4), "cpu", "auto").eval()
+    nhwc.load_state_dict(plain.state_dict())
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = nhwc(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, plain(x), atol=1e-4, rtol=1e-4)
+    # a state dict written from the NHWC network loads into a default-layout one with equal outputs
+    back = build_network("basic_unet", 3, 2, 4).eval()
+    back.load_state_dict(nhwc.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), out, atol=1e-4, rtol=1e-4)
+    kept = place_network(build_network("basic_unet", 3, 2, 4), "cpu", False)
+    assert next(m for m in kept.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous()
 
 
 def test_deterministic_mode_is_switchable():
