@@ -1,4 +1,4 @@
-"""Clean-up of predicted class maps: largest component, hole filling, small-object removal.
+"""From probabilities to clean class maps: a fast arg-max, then largest component, hole filling, small-object removal.
 
 All three work per foreground class on a channel-first class-index map, with 8-connectivity
 (pixels touching at a corner belong to the same object), and leave the background class to absorb
@@ -18,9 +18,45 @@ from scipy import ndimage
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["PostProcessd", "fill_holes", "keep_largest_component", "remove_small_objects"]
+__all__ = ["ClassIndexd", "PostProcessd", "class_index", "fill_holes", "keep_largest_component", "remove_small_objects"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def class_index(prob: torch.Tensor) -> torch.Tensor:
+    """The arg-max over the channels of a channel-first ``(C, H, W)`` tensor, as ``(1, H, W)``.
+
+    It equals ``torch.argmax(prob, dim=0, keepdim=True)`` (ties go to the lower class), cast to
+    ``prob``'s dtype as MONAI's ``AsDiscrete(argmax=True)`` does.  It compares the channels one
+    by one instead: PyTorch's arg-max over the outer dimension of a contiguous ``(C, H, W)`` map,
+    the layout that inverting a prediction to its original size gives, runs about 10x slower on
+    the CPU (5 ms against 0.5 ms for two 256x256 channels), which made it the costliest step of
+    the inference post-processing.
+    """
+    best, index = prob[0:1], torch.zeros_like(prob[0:1])
+    for c in range(1, prob.shape[0]):
+        channel = prob[c : c + 1]
+        higher = channel > best
+        index = torch.where(higher, torch.full_like(index, c), index)
+        best = torch.where(higher, channel, best)
+    return index
+
+
+class ClassIndexd(MapTransform):
+    """Replace channel-first probabilities ``(C, H, W)`` with their class-index map ``(1, H, W)``.
+
+    The same result as ``AsDiscreted(argmax=True)``, faster (see :func:`class_index`); the
+    metadata of a ``MetaTensor`` is kept.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = class_index(d[key])
+        return d
 
 
 def keep_largest_component(index: np.ndarray, num_classes: int) -> np.ndarray:

@@ -3,10 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+from monai.transforms import AsDiscrete
 
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.inferers import SegmentationInferer
-from monai_unet_bundle.postprocess import PostProcessd, fill_holes, keep_largest_component, remove_small_objects
+from monai_unet_bundle.postprocess import ClassIndexd, PostProcessd, class_index, fill_holes, keep_largest_component, remove_small_objects
 from monai_unet_bundle.rle import rle_decode, rle_encode
 
 MASK = np.array(
@@ -40,6 +42,23 @@ def test_rle_errors():
         rle_encode(MASK, order="diagonal")
     with pytest.raises(ValueError, match="outside a mask of 12 pixels"):
         rle_decode("11 5", (3, 4))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+def test_class_index_equals_monai_argmax_ties_included(num_classes):
+    torch.manual_seed(num_classes)
+    prob = torch.softmax(torch.randn(num_classes, 40, 48), 0)
+    prob[:, :4, :4] = 1.0 / num_classes  # exact ties go to the lowest class, as torch.argmax does
+    prob[0, 10, 10], prob[1:, 10, 10] = 0.1, 0.5  # a tie between classes 1.. only
+    mt = MetaTensor(prob, meta={"filename_or_obj": "a.png"})
+    expected = AsDiscrete(argmax=True)(mt)
+    out = ClassIndexd("pred")({"pred": mt})["pred"]
+    assert out.shape == (1, 40, 48) and out.dtype == expected.dtype
+    assert torch.equal(out.as_tensor(), expected.as_tensor())
+    assert out[0, 0, 0] == 0 and out[0, 10, 10] == 1
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "a.png"
+    # the layout an inverted prediction has, and a channels-last one, give the same map
+    assert torch.equal(class_index(prob.contiguous()), class_index(prob.permute(1, 2, 0).contiguous().permute(2, 0, 1)))
 
 
 def test_keep_largest_component_per_class():
