@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, Lambdad
@@ -20,7 +22,9 @@ def test_auto_cache_follows_the_memory_budget():
 def test_loader_workers():
     assert loader_workers(3) == 3 and loader_workers(0) == 0
     assert 0 <= loader_workers("auto", "memory") <= 2
-    assert loader_workers("auto", "disk") >= 1
+    assert loader_workers("auto", "disk") >= 1 and loader_workers("auto", "none", "cuda:0") >= 1
+    cpus = len(os.sched_getaffinity(0))
+    assert loader_workers("auto", "none", "cpu") == (0 if cpus <= 4 else min(8, cpus // 4))
     with pytest.raises(BundleInputError, match='num_workers must be a whole number >= 0 or "auto"'):
         loader_workers("many")
 
