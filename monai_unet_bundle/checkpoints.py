@@ -8,13 +8,17 @@
   validation score, and remembers that score across resumes.
 * :class:`ResumeCheckpoint` saves everything a run needs to continue (network, optimizer, LR
   scheduler, epoch and iteration, early stopping, best score, curves) after every epoch, and loads
-  it when a run starts.
+  it when a run starts.  It copies the state at the epoch's end and writes the copy from a
+  background thread while the next epoch trains: the trainer waits about 5 ms instead of about
+  60 ms (serialising and flushing 24 MB for the default network).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,27 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from monai_unet_bundle.atomic import atomic_save
+from monai_unet_bundle.atomic import atomic_save, remove_leftovers
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["BestModelSaver", "ResumeCheckpoint", "require_checkpoint"]
+__all__ = ["BestModelSaver", "ResumeCheckpoint", "require_checkpoint", "snapshot"]
 
 logger = logging.getLogger(__name__)
+
+#: resume checkpoint path -> the thread writing it, so that a load in the same process (a run
+#: started again in a notebook after an error) waits for a write another instance began
+_WRITERS: dict[str, threading.Thread] = {}
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of a (nested) state dict that later training steps cannot change: tensors are cloned."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, Mapping):
+        return {key: snapshot(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(value) for value in state)
+    return copy.deepcopy(state)
 
 
 def require_checkpoint(path: str | Path) -> str:
@@ -63,7 +82,9 @@ class BestModelSaver:
         self.best_epoch = 0
 
     def attach(self, engine: Engine) -> None:
-        """Check the score after every evaluation."""
+        """Check the score after every evaluation (and clear what a killed write of the model left)."""
+        if idist.get_rank() == 0:
+            remove_leftovers(self.save_path)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -108,6 +129,8 @@ class ResumeCheckpoint:
         self.path = Path(path)
         self.objects = dict(objects)
         self.resume = normalised
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def attach(self, engine: Engine) -> None:
         """Load on ``STARTED`` (before the first epoch), save on every ``EPOCH_COMPLETED`` and at the end."""
@@ -116,15 +139,49 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.save, finished=True)
 
     def save(self, engine: Engine, finished: bool = False) -> None:
-        """Write the checkpoint atomically (rank 0 only)."""
+        """Write the checkpoint atomically (rank 0 only).
+
+        The state is copied now and written by a background thread, so the next epoch starts at
+        once; a new save waits for the previous write first.  The final save (``finished``) is
+        written before returning.  The thread is not a daemon: a run that stops with an error
+        or Ctrl-C still completes the write in progress before the process exits, and a kill
+        leaves the previous checkpoint whole (the write is atomic).
+        """
         if idist.get_rank() != 0:
             return
-        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state = snapshot({name: obj.state_dict() for name, obj in self.objects.items()})
         state["trainer"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration), "finished": finished}
-        atomic_save(state, self.path)
+        self.wait()
+        if finished:
+            atomic_save(state, self.path)
+            return
+        self._writer = threading.Thread(target=self._write, args=(state,), name="resume-checkpoint-writer")
+        _WRITERS[str(self.path.resolve())] = self._writer
+        self._writer.start()
+
+    def _write(self, state: dict) -> None:
+        try:
+            atomic_save(state, self.path)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written is on disk; raise the error of a failed write."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise OSError(f"could not write the resume checkpoint {str(self.path)!r}: {error}") from error
 
     def load(self, engine: Engine) -> None:
         """Restore every object and the trainer's epoch and iteration from the checkpoint, if one applies."""
+        self.wait()
+        other = _WRITERS.get(str(self.path.resolve()))
+        if other is not None:
+            other.join()
+        if idist.get_rank() == 0:
+            remove_leftovers(self.path)
         if self.resume == "false":
             return
         if not self.path.is_file():

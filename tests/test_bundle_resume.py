@@ -50,13 +50,16 @@ def test_sigkill_then_resume_continues_the_run(tmp_path: Path):
     counter = state["early_stop"]["counter"]
     assert counter == killed_at - 1  # min_delta 1.0: only the first validation (from -inf) counts as an improvement
     torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # the best model is intact too
-    assert not [p.name for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
+    # a write the kill interrupted may leave its temporary file (never a half-written target) ...
+    (tmp_path / "models" / ".resume.pt.killed.tmp").write_bytes(b"half a checkpoint")
 
     second = run_bundle(*args)
     log = second.stdout + second.stderr
     assert f"resumed from {resume} at epoch {killed_at}" in log
     assert f"early stopping restored: counter {counter} of patience 100" in log
     assert f"epoch {killed_at + 1}/7 done" in log and f"epoch {killed_at}/7 done" not in log
+    # ... which the resumed run clears
+    assert not [p.name for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
     final = torch.load(resume, weights_only=True)
     assert final["trainer"]["epoch"] == 7 and final["trainer"]["finished"] is True
     assert final["early_stop"]["counter"] == 6

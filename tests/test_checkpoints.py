@@ -5,7 +5,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from monai_unet_bundle.atomic import atomic_save, atomic_write_text
+from monai_unet_bundle.atomic import atomic_save, atomic_write_text, remove_leftovers
 from monai_unet_bundle.checkpoints import BestModelSaver, ResumeCheckpoint, require_checkpoint
 from monai_unet_bundle.errors import BundleInputError
 
@@ -67,6 +67,15 @@ def test_resume_derives_the_iteration_when_epochs_change_length(tmp_path):
     assert seen == [3, 4] and second.state.iteration == 24
 
 
+def test_leftovers_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    atomic_save({"a": 1}, tmp_path / "resume.pt")
+    (tmp_path / ".resume.pt.abc123.tmp").write_bytes(b"cut short")
+    (tmp_path / ".model.pt.xyz.tmp").write_bytes(b"another target's")
+    assert [p.name for p in remove_leftovers(tmp_path / "resume.pt")] == [".resume.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pt.xyz.tmp", "resume.pt"]
+    assert remove_leftovers(tmp_path / "missing" / "resume.pt") == []
+
+
 def test_require_checkpoint(tmp_path):
     with pytest.raises(BundleInputError, match="no trained model at .*run configs/train.json first"):
         require_checkpoint(tmp_path / "model.pt")
@@ -122,7 +131,8 @@ def test_resume_continues_at_the_next_epoch(tmp_path):
     seen: list[int] = []
     first = _trainer(seen)
     first.add_event_handler(Events.EPOCH_COMPLETED, lambda e: setattr(counter, "value", counter.value + 1))
-    ResumeCheckpoint(tmp_path / "resume.pt", {"network": net, "counter": counter}).attach(first)
+    checkpoint = ResumeCheckpoint(tmp_path / "resume.pt", {"network": net, "counter": counter})
+    checkpoint.attach(first)
 
     def crash(engine):
         raise KeyboardInterrupt  # a run cut short after epoch 3 was saved
@@ -130,6 +140,7 @@ def test_resume_continues_at_the_next_epoch(tmp_path):
     first.add_event_handler(Events.EPOCH_COMPLETED(once=3), crash)
     with pytest.raises(KeyboardInterrupt):
         first.run([0, 1], max_epochs=6)
+    checkpoint.wait()  # the epoch-3 write runs in the background (a process exiting waits for it too)
     state = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert state["trainer"]["epoch"] == 3 and state["counter"] == {"value": 3}
 
@@ -167,3 +178,25 @@ def test_resume_settings_and_broken_files(tmp_path):
     ResumeCheckpoint(tmp_path / "bad.pt", {}).attach(t)
     with pytest.raises(BundleInputError, match="cannot be read .*delete it or pass --resume false"):
         t.run([0], max_epochs=1)
+
+
+def test_resume_writes_a_snapshot_in_the_background_and_reports_a_failed_write(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    checkpoint = ResumeCheckpoint(tmp_path / "resume.pt", {"network": net})
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch, engine.state.iteration = 2, 10
+    before = net.weight.detach().clone()
+    checkpoint.save(engine)
+    with torch.no_grad():
+        net.weight.add_(1.0)  # the next epoch changes the weights while the file is written
+    checkpoint.wait()
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert torch.equal(state["network"]["weight"], before) and state["trainer"]["finished"] is False
+    assert not list(tmp_path.glob(".resume.pt.*"))  # no temporary file left behind
+
+    (tmp_path / "blocked").write_text("a file where the checkpoint's folder should be")
+    broken = ResumeCheckpoint(tmp_path / "blocked" / "resume.pt", {"network": net})
+    broken.save(engine)
+    with pytest.raises(OSError, match="could not write the resume checkpoint .*blocked/resume.pt"):
+        broken.wait()
+    broken.wait()  # the error is reported once
