@@ -47,8 +47,8 @@ def use_channels_last(channels_last: bool | str, device: str | torch.device) -> 
     """Whether to hold the network's weights in the ``channels_last`` (NHWC) memory layout.
 
     ``auto`` means on the CPU only, where it was measured (``scripts/benchmark_options.py``, 2-core
-    CPU, torch 2.13): a training step 10-13% faster and an inference pass about a third faster at
-    256 and 512 px, with the same results up to float rounding.  It was not measured on a GPU, so
+    CPU, torch 2.13): a training step 10-16% shorter and an inference pass 33-49% shorter at 256
+    and 512 px, with the same results up to float rounding.  It was not measured on a GPU, so
     ``auto`` leaves CUDA in the default layout; ``true`` turns it on anywhere.
     """
     choice = _as_choice(channels_last, "channels_last")
@@ -76,9 +76,11 @@ def tune_allocator(fast_allocator: bool | str = "auto", device: str | torch.devi
     and forward pass maps fresh memory and pays a page fault per 4 KiB page of it.  Turning
     ``mmap`` off (``M_MMAP_MAX = 0``) and never trimming the heap (``M_TRIM_THRESHOLD``) lets
     the next step reuse the same pages.  Measured on the 2-core CPU here at 512x512, batch 4
-    (``scripts/benchmark_options.py --allocators``): a training step 23% shorter, a forward pass
-    21% shorter, as fast as tcmalloc; the price is a higher peak resident memory (3.0 instead of
-    2.4 GiB), which also stays with the process until it ends.
+    (``scripts/benchmark_options.py --allocators``): a training step 35% shorter (5.13 -> 3.36 s)
+    and a forward pass 27% shorter (1.07 -> 0.79 s), as fast as tcmalloc; the price is a higher
+    peak resident memory (3.0 instead of 2.4 GiB), which also stays with the process until it
+    ends.  (tcmalloc, where installed, gives the same speed without that price: preload it and
+    pass ``--fast_allocator false``.)
 
     ``auto`` tunes it for CPU devices on Linux with glibc; on a GPU the large blocks live in
     CUDA's own caching allocator, so nothing is changed.  It affects the whole process and is

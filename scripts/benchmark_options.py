@@ -213,9 +213,9 @@ def allocator_child(size: int, batch: int, repeats: int, tune: bool = False) -> 
     y = (torch.rand(batch, 1, size, size) > 0.8).float()
     net = channels_last(network())
     times = interleaved({"train_step_s": train_step_fn(net, x, y), "infer_s": forward_fn(copy.deepcopy(net), x)}, repeats)
-    import resource
+    from benchmark import peak_rss_mib
 
-    times["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times["peak_mib"] = peak_rss_mib()
     print(json.dumps(times))
 
 

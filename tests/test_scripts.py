@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import REPO
@@ -47,3 +48,26 @@ def test_configure_classes_updates_metadata_and_both_configs(tmp_path):
         assert (config["num_classes"], config["class_names"], config["in_channels"]) == (3, ["background", "liver", "tumour"], 1)
     bad = subprocess.run([sys.executable, script, "only", "--bundle_root", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "at least two distinct class names" in bad.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_sides_and_writes_the_ratios(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--sizes", "32", "--images", "11", "--infer_images", "4",
+         "--rounds", "1", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())["sizes"]["32"]
+    for key in ("train_bundle_images_s", "train_plain_images_s", "infer_bundle_forward_images_s",
+                "infer_plain_forward_images_s", "infer_bundle_end_to_end_images_s"):
+        assert r[key] > 0, key
+    assert r["train_ratio_bundle_over_plain"] == pytest.approx(r["train_ratio_per_round"][0], abs=1e-3)
+    import torch
+
+    assert r["channels_last"] is (not torch.cuda.is_available())  # channels_last auto: on for CPUs
+    assert r["train_bundle_peak_mib"] > 0 and r["infer_bundle_peak_mib"] >= 0
+    assert "train bundle" in proc.stdout and "written to" in proc.stdout
