@@ -20,6 +20,8 @@ import torch
 from monai.networks.blocks import Convolution
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from monai_unet_bundle.runtime import in_channels_last
+
 __all__ = ["FusedCache", "fuse_batch_norm"]
 
 _NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
@@ -43,14 +45,9 @@ def fuse_batch_norm(network: torch.nn.Module) -> tuple[torch.nn.Module, int]:
             count += 1
     for param in fused.parameters():
         param.requires_grad_(False)
-    if count and _channels_last(network):
+    if count and in_channels_last(network):
         fused = fused.to(memory_format=torch.channels_last)  # keep the layout place_network chose
     return fused, count
-
-
-def _channels_last(network: torch.nn.Module) -> bool:
-    weight = next((m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def _versions(network: torch.nn.Module) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from monai.utils import set_determinism
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["configure_determinism", "place_network", "resolve_amp", "tune_allocator", "use_channels_last"]
+__all__ = ["configure_determinism", "in_channels_last", "place_network", "resolve_amp", "tune_allocator", "use_channels_last"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -66,6 +66,12 @@ def place_network(network: torch.nn.Module, device: str | torch.device, channels
     if use_channels_last(channels_last, device):
         network = network.to(memory_format=torch.channels_last)
     return network
+
+
+def in_channels_last(network: torch.nn.Module) -> bool:
+    """Whether ``network``'s 2D convolution weights are in the ``channels_last`` layout (its first one tells)."""
+    weight = next((m.weight for m in network.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def tune_allocator(fast_allocator: bool | str = "auto", device: str | torch.device = "cpu") -> bool:

@@ -52,6 +52,7 @@ from monai.bundle import ConfigWorkflow  # noqa: E402
 
 from monai_unet_bundle.demo import make_demo_pair  # noqa: E402
 from monai_unet_bundle.losses import SegmentationLoss  # noqa: E402
+from monai_unet_bundle.runtime import in_channels_last  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -309,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tmp)
             data = write_images(tmp / "data", args.images, size)
             net = training(tmp / "bundle", data, size, args.batch_size, args.rounds, workers, r)
-            r["channels_last"] = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
-                memory_format=torch.channels_last
-            )
+            r["channels_last"] = in_channels_last(net)
             infer_in = write_images(tmp / "infer", args.infer_images, size, seed=1) / "images"
             inference(tmp / "bundle", infer_in, tmp / "pred", size, args.batch_size, args.rounds, workers, r)
             for side in ("train_bundle", "train_plain", "infer_bundle", "infer_plain"):

@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.progress import TrainingProgress
 from monai_unet_bundle.networks import build_network
-from monai_unet_bundle.runtime import configure_determinism, place_network, resolve_amp, tune_allocator, use_channels_last
+from monai_unet_bundle.runtime import configure_determinism, in_channels_last, place_network, resolve_amp, tune_allocator, use_channels_last
 from monai_unet_bundle.schedules import LrScheduleStepper, build_scheduler
 from tests.conftest import REPO
 
@@ -86,6 +86,7 @@ def test_channels_last_network_gives_the_same_outputs_and_a_portable_state_dict(
         torch.testing.assert_close(back(x), out, atol=1e-4, rtol=1e-4)
     kept = place_network(build_network("basic_unet", 3, 2, 4), "cpu", False)
     assert next(m for m in kept.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous()
+    assert in_channels_last(nhwc) and not in_channels_last(kept)
 
 
 _FAULTS = """
