@@ -149,12 +149,13 @@ class ResumeCheckpoint:
         """
         if idist.get_rank() != 0:
             return
-        state = snapshot({name: obj.state_dict() for name, obj in self.objects.items()})
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state["trainer"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration), "finished": finished}
         self.wait()
-        if finished:
+        if finished:  # written here and now: nothing changes the state meanwhile, no copy needed
             atomic_save(state, self.path)
             return
+        state = snapshot(state)
         self._writer = threading.Thread(target=self._write, args=(state,), name="resume-checkpoint-writer")
         _WRITERS[str(self.path.resolve())] = self._writer
         self._writer.start()
