@@ -27,7 +27,7 @@ from monai_unet_bundle.data import discover_datalists, fingerprint
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.networks import check_spatial_size
 from monai_unet_bundle.readers import NIFTI_SUFFIXES
-from monai_unet_bundle.transforms import MaskToIndexd, mask_loader
+from monai_unet_bundle.transforms import MaskToIndexd, channel_conversion_note, mask_loader
 
 __all__ = ["checked_datalists", "inspect_image"]
 
@@ -64,8 +64,12 @@ def checked_datalists(
     mask_to_index: MaskToIndexd | None = None,
     report_path: str | Path | None = None,
     class_names: Sequence[str] | None = None,
+    in_channels: int | None = None,
 ) -> dict[str, list[dict[str, str]]]:
     """Check the data and settings, report, and return the ``training``/``validation``/``test`` lists.
+
+    Every problem is one sentence naming the file or setting and what to do; they are raised
+    together, one per line, so the command line shows one ``error:`` line per problem.
 
     Args:
         dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir: as for
@@ -75,9 +79,11 @@ def checked_datalists(
         mask_to_index: the mask conversion the pipeline uses (palette, thresholds, lossy policy).
         report_path: where the JSON report goes (also the cache of the last check).
         class_names: names for the class frequencies in the report.
+        in_channels: the network's input channels; images of another channel count are
+            converted, and the report says which and how (once, as a warning).
 
     Raises:
-        BundleInputError: listing every problem found, one per line.
+        BundleInputError: holding every problem found, one sentence per line.
     """
     lists, problems, warnings = discover_datalists(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir)
     try:
@@ -90,7 +96,7 @@ def checked_datalists(
         "version": REPORT_VERSION, "num_classes": num_classes, "spatial_size": list(spatial_size),
         "palette": None if to_index.palette is None else to_index.palette.tolist(),
         "thresholds": None if to_index.thresholds is None else to_index.thresholds.tolist(),
-        "allow_lossy": to_index.allow_lossy, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
+        "allow_lossy": to_index.allow_lossy, "in_channels": in_channels, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
     }
     fingerprint_ = fingerprint([f for d in items for f in d.values()], settings)
     report_file = Path(report_path) if report_path else None
@@ -115,7 +121,7 @@ def checked_datalists(
             heights.append(h)
             widths.append(w)
         except Exception as exc:  # any decoder failure is reported with the file
-            problems.append(f"image {item['image']} cannot be read ({type(exc).__name__}: {exc}).")
+            problems.append(f"image {item['image']} cannot be read ({type(exc).__name__}: {exc}): replace the file or remove it from the data.")
             continue
         if "label" not in item:
             continue
@@ -126,17 +132,20 @@ def checked_datalists(
             problems.append(str(exc))
             continue
         except Exception as exc:
-            problems.append(f"mask {item['label']} cannot be read ({type(exc).__name__}: {exc}).")
+            problems.append(f"mask {item['label']} cannot be read ({type(exc).__name__}: {exc}): replace the file or remove its pair from the data.")
             continue
         mask_hw = tuple(int(s) for s in raw.shape[1:][::-1]) if not item["label"].lower().endswith(NIFTI_SUFFIXES) else tuple(int(s) for s in raw.shape[1:])
         if mask_hw != (h, w):
-            problems.append(f"mask {item['label']} is {mask_hw[0]}x{mask_hw[1]} (height x width) but its image is {h}x{w}: masks must match their images.")
+            problems.append(f"mask {item['label']} is {mask_hw[0]}x{mask_hw[1]} (height x width) but its image is {h}x{w}: masks must have their image's size: re-export the mask at that size.")
             continue
         if len(raw_values) <= 64:
             vals = np.unique(np.asarray(raw[:1]))
             raw_values.update(float(v) for v in vals[:65])
         counts += np.bincount(np.asarray(index, dtype=np.int64).ravel(), minlength=num_classes)[:num_classes]
 
+    note = channel_conversion_note(modes, in_channels) if in_channels in (1, 3) and modes else None
+    if note:
+        warnings.append(note)
     names = list(class_names) if class_names and len(class_names) == num_classes else [f"class_{i}" for i in range(num_classes)]
     total = int(counts.sum())
     frequency = {n: round(float(c) / total, 6) if total else 0.0 for n, c in zip(names, counts)}
@@ -161,6 +170,7 @@ def checked_datalists(
             "max_height_width": [max(heights), max(widths)] if heights else None,
         },
         "channel_mix": dict(modes),
+        "channel_conversion": note,
         "mask_values": sorted(raw_values)[:64],
         "class_pixel_frequency": frequency,
         "spatial_size": list(spatial_size),
@@ -174,7 +184,7 @@ def checked_datalists(
     for warning in warnings:
         logger.warning("data check: %s", warning)
     if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        where = f" (report: {report_file})" if report_file else ""
-        raise BundleInputError(f"the data check found {len(problems)} problem(s){where}:\n{listing}")
+        where = f"; the report is in {report_file}" if report_file else ""
+        logger.error("data check: %d problem(s) found%s", len(problems), where)
+        raise BundleInputError("\n".join(problems))
     return lists

@@ -13,12 +13,14 @@ import json
 import os
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES
+from monai_unet_bundle.transforms import channel_conversion_note
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -27,7 +29,9 @@ __all__ = [
     "find_pairs",
     "fingerprint",
     "discover_datalists",
+    "evaluation_items",
     "missing_masks_message",
+    "output_names",
     "file_stem",
     "list_images",
     "scan_inputs",
@@ -147,33 +151,58 @@ def split_pairs(
     Raises:
         BundleInputError: when ``val_fraction`` is outside (0, 1) or there are fewer than 2 pairs.
     """
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise BundleInputError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
+    try:
+        fraction = float(val_fraction)
+    except (TypeError, ValueError):
+        fraction = -1.0
+    if isinstance(val_fraction, bool) or not 0.0 < fraction < 1.0:
+        raise BundleInputError(f"val_fraction must be a number between 0 and 1 (exclusive), e.g. 0.2; got {val_fraction!r}.")
     if len(pairs) < 2:
         raise BundleInputError(
-            f"found {len(pairs)} image/mask pair(s); at least 2 are needed (one for training, one for validation)."
+            f"found {len(pairs)} image/mask pair(s) and no validation list, so the validation split would be empty and no "
+            f"model could ever be saved: add pairs (at least 2), or give validation pairs with --val_dataset_dir or a datalist."
         )
     order = sorted(pairs, key=lambda d: d["image"])
     random.Random(seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(len(order) * float(val_fraction))))
+    n_val = min(len(order) - 1, max(1, round(len(order) * fraction)))
     return order[n_val:], order[:n_val]
 
 
-def _read_csv_datalist(path: Path) -> dict[str, list[dict[str, str]]]:
-    """A CSV with ``image,label`` columns (and optionally ``split``: training/validation/test)."""
+def _read_csv_datalist(path: Path, require_label: bool = True) -> dict[str, list[dict[str, str]]]:
+    """A CSV with an ``image`` column, a ``label`` column and optionally ``split`` (training/validation/test).
+
+    Args:
+        path: the CSV file.
+        require_label: training lists need a ``label`` for every training and validation row;
+            inference lists (``require_label=False``) need only ``image``.  A ``test`` row with an
+            empty ``label`` cell has no label.
+    """
+    if not path.is_file():
+        raise BundleInputError(f"datalist {str(path)!r} does not exist: pass the path of a CSV or JSON file.")
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BundleInputError(f"datalist {str(path)!r} cannot be read as CSV ({exc}).") from None
-    if not rows or not {"image", "label"} <= set(rows[0]):
-        raise BundleInputError(f"datalist {str(path)!r} needs a header row with 'image' and 'label' columns (and optionally 'split').")
+    columns = {c.strip().lower() for c in (rows[0] if rows else {}) if c}
+    needed = {"image", "label"} if require_label else {"image"}
+    if not rows or not needed <= columns:
+        what = "'image' and 'label' columns" if require_label else "an 'image' column"
+        raise BundleInputError(f"datalist {str(path)!r} needs a header row with {what} (and optionally 'split'), and at least one row.")
     content: dict[str, list[dict[str, str]]] = {"training": []}
-    for i, row in enumerate(rows, start=2):
-        split = (row.get("split") or "training").strip().lower()
+    for i, raw in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+        split = (row.get("split") or "training").lower()
         if split not in ("training", "validation", "test"):
             raise BundleInputError(f"datalist {str(path)!r} line {i}: split must be training, validation or test, got {split!r}.")
-        content.setdefault(split, []).append({"image": row["image"].strip(), "label": row["label"].strip()})
+        if not row.get("image"):
+            raise BundleInputError(f"datalist {str(path)!r} line {i}: the 'image' cell is empty; name an image file or delete the line.")
+        entry = {"image": row["image"]}
+        if row.get("label"):
+            entry["label"] = row["label"]
+        elif require_label and split != "test":
+            raise BundleInputError(f"datalist {str(path)!r} line {i}: the 'label' cell is empty; every {split} row needs a mask file.")
+        content.setdefault(split, []).append(entry)
     return content
 
 
@@ -271,7 +300,7 @@ def discover_datalists(
         try:
             lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
         except BundleInputError as exc:
-            problems.append(f"{exc} The validation split would be empty, so no model could ever be saved.")
+            problems.append(str(exc))
             lists["validation"] = []
     return lists, problems, warnings
 
@@ -287,59 +316,192 @@ def build_datalists(
     """The lists of :func:`discover_datalists`, refusing them when there is any problem.
 
     Raises:
-        BundleInputError: listing every problem, one per line after the first.
+        BundleInputError: holding every problem, one sentence per line.
     """
     lists, problems, _ = discover_datalists(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir)
     if problems:
-        raise BundleInputError("\n  - ".join(problems))
+        raise BundleInputError("\n".join(problems))
     logger.info("data: %d training, %d validation pairs", len(lists["training"]), len(lists["validation"]))
     return lists
 
 
-def _readable(path: Path) -> str | None:
-    """Return why ``path`` cannot be read as an image, or ``None`` when it can."""
+def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, str]]:
+    """The pairs evaluation scores: the labelled ``test`` items, else the ``validation`` pairs.
+
+    A test list usually names images without masks; those cannot be scored, so they are left
+    out with a warning (``configs/inference.json --input_files <datalist>`` predicts them).  When
+    no test item has a label, the validation pairs are evaluated instead, and the log says so.
+
+    Args:
+        lists: the checked datalists (``training``, ``validation`` and optionally ``test``).
+
+    Raises:
+        BundleInputError: when there is nothing with a label to evaluate.
+    """
+    test = lists.get("test") or []
+    labelled = [d for d in test if d.get("label")]
+    unlabelled = len(test) - len(labelled)
+    if labelled:
+        if unlabelled:
+            logger.warning(
+                "evaluation: %d of the %d test items have no 'label' and are left out; the %d labelled ones are scored "
+                "(predict the others with configs/inference.json --input_files <datalist>)", unlabelled, len(test), len(labelled),
+            )
+        else:
+            logger.info("evaluation: scoring the %d test pairs", len(labelled))
+        return labelled
+    validation = lists.get("validation") or []
+    if not validation:
+        raise BundleInputError("there is nothing to evaluate: the datalist has no labelled test items and no validation pairs.")
+    if test:
+        logger.warning(
+            "evaluation: none of the %d test items has a 'label', so the %d validation pairs are scored instead "
+            "(predict the test images with configs/inference.json --input_files <datalist>)", len(test), len(validation),
+        )
+    else:
+        logger.info("evaluation: no test list, scoring the %d validation pairs", len(validation))
+    return validation
+
+
+def _readable(path: Path) -> tuple[str | None, str]:
+    """Return ``(why path cannot be read as an image or None, its mode)``, e.g. ``(None, "RGB")``."""
     try:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             import nibabel
 
-            nibabel.load(str(path)).get_fdata(dtype="float32")
-        else:
-            from PIL import Image
+            nifti = nibabel.load(str(path))
+            nifti.get_fdata(dtype="float32")
+            return None, "NIfTI"
+        from PIL import Image
 
-            with Image.open(path) as img:
-                img.load()
+        with Image.open(path) as img:
+            img.load()
+            return None, img.mode
     except Exception as exc:  # any decoder failure means the file is skipped, with the reason kept
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", ""
 
 
 @dataclass
 class InputScan:
-    """The images found for inference and the files skipped, with the reason for each."""
+    """The images found for inference and the files skipped, with the reason for each.
+
+    Each item is ``{"image": path, "output_name": name}``: ``name`` is the path of the image's
+    outputs relative to ``output_dir``, without extension (its sub-folder under ``input_dir`` and
+    its stem; see :func:`output_names`).
+    """
 
     items: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     input_dir: str = ""
+    modes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def output_names(self) -> dict[str, str]:
+        """Image path -> its output name (relative to ``output_dir``, no extension)."""
+        return {item["image"]: item["output_name"] for item in self.items}
+
+
+def output_names(paths: Sequence[str | Path], input_dir: str | Path | None = None) -> dict[str, str]:
+    """A distinct output name for every input image: its sub-folder under ``input_dir`` and its stem.
+
+    Two inputs whose names would clash (``a.png`` and ``a.jpg`` in one folder, or equal stems from
+    different folders named by ``input_files``; compared without regard to case, as on Windows and
+    macOS file systems) never overwrite each other's outputs: the first keeps the plain name, the
+    next ones get their extension appended (``a_jpg``) and, if that is taken too, a number.
+
+    Args:
+        paths: the input image paths, in processing order.
+        input_dir: the folder the images were found in; images outside it are named by stem only.
+
+    Returns:
+        ``{str(path): "sub/stem"}`` (POSIX separators, no extension).
+    """
+    root = Path(input_dir).resolve() if input_dir else None
+    taken: set[str] = set()
+    names: dict[str, str] = {}
+    for path in paths:
+        src = Path(path)
+        parent = Path()
+        if root is not None:
+            try:
+                parent = src.resolve().parent.relative_to(root)
+            except ValueError:
+                parent = Path()
+        stem = file_stem(src)
+        ext = src.name[len(stem):].lstrip(".").replace(".", "_").lower()
+        candidates = [stem, f"{stem}_{ext}"] + [f"{stem}_{ext}_{i}" for i in range(2, len(paths) + 2)]
+        for candidate in candidates:
+            name = (parent / candidate).as_posix()
+            if name.lower() not in taken:
+                break
+        if candidate != stem:
+            logger.warning("%s: its outputs are named %r, since another input already has the name %r", src, name, (parent / stem).as_posix())
+        taken.add(name.lower())
+        names[str(path)] = name
+    return names
+
+
+def _list_file_names(list_file: Path) -> list[str]:
+    """The image names in an inference list file: a CSV with an ``image`` column, or a JSON datalist.
+
+    A CSV with a ``split`` column contributes its ``test`` rows when it has any, else every row.  A
+    JSON file may be a Decathlon-style datalist (its ``test`` list, else ``training`` and
+    ``validation``) or a plain list of paths or ``{"image": ...}`` items.
+    """
+    if not list_file.is_file():
+        raise BundleInputError(f"input_files {str(list_file)!r} does not exist: pass an existing CSV or JSON list, or image paths.")
+    if list_file.suffix.lower() == ".csv":
+        lists = _read_csv_datalist(list_file, require_label=False)
+    else:
+        try:
+            lists = json.loads(list_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleInputError(f"input_files {str(list_file)!r} is not a readable JSON datalist ({exc}).") from None
+    if isinstance(lists, dict):
+        section = lists.get("test") or [d for k in ("training", "validation") for d in (lists.get(k) or [])]
+    else:
+        section = lists
+    names = []
+    for i, item in enumerate(section if isinstance(section, list) else [None]):
+        name = item.get("image") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name.strip():
+            raise BundleInputError(
+                f"input_files {str(list_file)!r}: item {i} is {item!r}; each item must be an image path or an "
+                f"{{'image': path}} object (a JSON list, or a datalist with a 'test' list)."
+            )
+        names.append(name.strip())
+    return names
 
 
 def _files_from(input_files: str | Sequence[str], base: Path) -> list[Path]:
-    """Paths from a list of files, or from a JSON/CSV datalist (its ``test`` list, else every ``image``)."""
-    if isinstance(input_files, str) and input_files.lower().endswith((".json", ".csv")):
-        lists = _read_csv_datalist(Path(input_files)) if input_files.lower().endswith(".csv") else None
-        if lists is None:
-            try:
-                lists = json.loads(Path(input_files).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BundleInputError(f"input_files {input_files!r} is not a readable JSON datalist ({exc}).") from None
-        section = lists.get("test") or [d for k in ("training", "validation") for d in lists.get(k, [])]
-        names = [d["image"] if isinstance(d, dict) else d for d in section]
+    """The image paths named by ``input_files``: image paths, or a CSV/JSON list file (see :func:`_list_file_names`).
+
+    A relative path is looked up under ``base`` (``input_dir``), then (for a list file) beside the
+    list file, then in the current directory; the first place where it exists is used.
+    """
+    if isinstance(input_files, (str, Path)) and str(input_files).lower().endswith((".json", ".csv")):
+        list_file = Path(input_files)
+        bases = [base, list_file.parent, Path.cwd()]
+        names = _list_file_names(list_file)
     else:
-        names = [input_files] if isinstance(input_files, str) else list(input_files)
-    return [Path(n) if Path(n).is_absolute() else base / n for n in names]
+        bases = [base, Path.cwd()]
+        names = [str(input_files)] if isinstance(input_files, (str, Path)) else [str(n) for n in input_files]
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    for name in names:
+        candidates = [Path(name)] if Path(name).is_absolute() else [b / name for b in bases]
+        path = next((c for c in candidates if c.exists()), candidates[0])
+        if path.resolve() not in seen:  # a file named twice is predicted once
+            seen.add(path.resolve())
+            paths.append(path)
+    return paths
 
 
 def scan_inputs(
-    input_dir: str | Path, output_dir: str | Path | None = None, input_files: str | Sequence[str] | None = None
+    input_dir: str | Path,
+    output_dir: str | Path | None = None,
+    input_files: str | Sequence[str] | None = None,
+    in_channels: int | None = None,
 ) -> InputScan:
     """Find every readable image for inference: all of ``input_dir``, or the given ``input_files``.
 
@@ -348,6 +510,8 @@ def scan_inputs(
         output_dir: where results go; files under it are never taken as inputs.
         input_files: a list of image paths, one path, or a JSON/CSV datalist whose ``test`` list
             (else every ``image``) is used.
+        in_channels: the network's input channels; when given, one log line says which images
+            are converted to it and how.
 
     Unreadable or missing files are logged with the reason and skipped so the rest can be written.
 
@@ -362,21 +526,40 @@ def scan_inputs(
         raise BundleInputError(
             f"output_dir {str(output_dir)!r} is the same folder as input_dir: choose another --output_dir so no input is overwritten."
         )
-    exclude = Path(output_dir).resolve() if output_dir is not None else None
+    out = Path(output_dir).resolve() if output_dir is not None else None
+    # earlier predictions written into a sub-folder of input_dir are not inputs
+    exclude = out if out is not None and folder.is_dir() and folder.resolve() in out.parents else None
     candidates = _image_files(folder) if input_files is None else _files_from(input_files, folder)
     scan = InputScan(input_dir=str(folder) if input_files is None else "")
+    readable: list[Path] = []
+    modes: Counter[str] = Counter()
     for path in candidates:
         if exclude is not None and exclude in path.resolve().parents:
-            continue  # earlier predictions written inside input_dir are not inputs
-        reason = "file not found" if not path.is_file() else _readable(path)
+            continue
+        reason, mode = ("file not found", "") if not path.is_file() else _readable(path)
         if reason is None:
-            scan.items.append({"image": str(path)})
+            readable.append(path)
+            modes[mode] += 1
         else:
             scan.skipped.append({"file": str(path), "reason": reason})
             logger.warning("skipping unreadable file %s (%s)", path, reason)
-    if not scan.items:
-        where = f"input_dir {str(folder)!r}" if input_files is None else f"input_files {input_files!r}"
-        raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in {where}.")
+    if not readable:
+        if input_files is None:
+            raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in input_dir {str(folder)!r}.")
+        if not scan.skipped:
+            raise BundleInputError(f"input_files {input_files!r} names no image: pass image paths, or a CSV or JSON list of them.")
+        first = scan.skipped[0]
+        raise BundleInputError(
+            f"none of the {len(scan.skipped)} file(s) named by input_files {input_files!r} can be read "
+            f"(first: {first['file']}: {first['reason']}); relative paths are looked up under input_dir, beside a list file, "
+            f"then in the current directory."
+        )
+    names = output_names(readable, folder if folder.is_dir() else None)
+    scan.items = [{"image": str(p), "output_name": names[str(p)]} for p in readable]
+    scan.modes = dict(modes)
+    note = channel_conversion_note(modes, in_channels) if in_channels in (1, 3) else None
+    if note:
+        logger.warning("inference: %s", note)
     logger.info("inference: %d image(s) to process, %d skipped", len(scan.items), len(scan.skipped))
     return scan
 

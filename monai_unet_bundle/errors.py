@@ -1,11 +1,13 @@
 """User-facing errors and how they are shown on the command line.
 
 Every problem caused by the user's data or settings is raised as a :class:`BundleInputError` whose
-message is one sentence naming the file or setting and what to do about it.  ``monai.bundle`` wraps
-exceptions raised while a config component is built (``RuntimeError: Failed to instantiate ...``),
-so :func:`install_excepthook` walks the exception chain and, when a :class:`BundleInputError` is
-found anywhere in it, prints just that sentence and exits with status 2 instead of dumping a
-traceback.  Every other exception keeps Python's normal report.
+message is one sentence naming the file or setting and what to do about it (the data check, which
+reports every problem it finds at once, raises one error holding one such sentence per line).
+``monai.bundle`` wraps exceptions raised while a config component is built (``RuntimeError: Failed
+to instantiate ...``), so :func:`install_excepthook` walks the exception chain and, when a
+:class:`BundleInputError` is found anywhere in it, prints each sentence on a line of its own,
+``error: <sentence>``, and exits with status 2 instead of dumping a traceback.  Every other
+exception keeps Python's normal report.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["BundleInputError", "find_input_error", "install_excepthook", "one_line"]
+__all__ = ["BundleInputError", "find_input_error", "install_excepthook", "message_lines", "one_line"]
 
 EXIT_CODE = 2
 
@@ -49,13 +51,18 @@ def one_line(error: BundleInputError) -> str:
     return text
 
 
+def message_lines(error: BundleInputError) -> list[str]:
+    """The error's sentences, one per line as printed (an error listing several problems has several)."""
+    return [line.strip() for line in one_line(error).splitlines() if line.strip()]
+
+
 def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     found = find_input_error(exc)
     if found is None:
         _previous_hook(exc_type, exc, tb)
         return
     sys.stdout.flush()
-    sys.stderr.write(f"error: {one_line(found)}\n")
+    sys.stderr.write("".join(f"error: {line}\n" for line in message_lines(found)))
     sys.stderr.flush()
     # sys.excepthook cannot change the exit status, so end the process here.
     import os

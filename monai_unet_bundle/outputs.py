@@ -9,9 +9,9 @@ original size; MONAI's PIL reader holds 2D images as (width, height), which is t
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,15 +22,42 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.curves import PALETTE, overlay
 from monai_unet_bundle.data import InputScan, file_stem
+from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, Image2DReader, Nifti2DReader
 from monai_unet_bundle.rle import _order, rle_encode
 from monai_unet_bundle.transforms import item_source
 
-__all__ = ["InferenceOutputs"]
+__all__ = ["SUMMARY_NAME", "InferenceOutputs"]
 
 logger = logging.getLogger(__name__)
+
+#: the summary every inference run writes into ``output_dir``; it also records which files are ours
+SUMMARY_NAME = "inference_summary.json"
+
+
+def _previous_outputs(summary_path: Path) -> set[Path]:
+    """The files an earlier inference run wrote, as its summary lists them (resolved paths)."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(summary, dict):
+        return set()
+    files: set[str] = {str(summary_path)}
+    files.update(p for p in summary.get("planned") or [] if isinstance(p, str))
+    if isinstance(summary.get("rle_csv"), str):
+        files.add(summary["rle_csv"])
+    for record in summary.get("written") or []:
+        if not isinstance(record, dict):
+            continue
+        for key in ("mask", "colour", "overlay"):
+            if isinstance(record.get(key), str):
+                files.add(record[key])
+        files.update(p for p in record.get("probabilities") or [] if isinstance(p, str))
+    return {Path(f).resolve() for f in files}
 
 
 def _hw(array: np.ndarray, path: str) -> np.ndarray:
@@ -48,9 +75,15 @@ class InferenceOutputs:
         overlays: write ``overlays/<stem>.png`` (image with the mask drawn over it).
         colour_masks: write ``colour/<stem>.png`` (each class in its colour).
         probabilities: write ``probabilities/<stem>_<class>.png`` (probability x 255) from the ``prob`` key.
-        rle_csv: file name (in ``output_dir``) of a Kaggle ``img,rle_mask`` CSV of the foreground, or ``None``.
+        rle_csv: path of a Kaggle ``img,rle_mask`` CSV of the foreground, or ``None``; an absolute
+            path is used as given, a relative one is taken relative to ``output_dir``.
         rle_order: ``row`` or ``column`` pixel order of the RLE.
         class_names: names used in probability file names.
+
+    Raises:
+        BundleInputError: when ``rle_csv`` does not end in ``.csv`` or names a folder, or when a file
+            this run would write already exists and no earlier inference run into ``output_dir`` wrote
+            it (so none of the user's own files is ever overwritten).
     """
 
     def __init__(
@@ -69,7 +102,7 @@ class InferenceOutputs:
         self.num_classes = int(num_classes)
         self.scan = scan or InputScan()
         self.overlays, self.colour_masks, self.probabilities = bool(overlays), bool(colour_masks), bool(probabilities)
-        self.rle_csv = rle_csv
+        self.rle_csv = self._rle_path(rle_csv)
         self.rle_order = rle_order
         _order(rle_order)  # validate early
         self.class_names = class_names or [f"class_{i}" for i in range(num_classes)]
@@ -77,6 +110,54 @@ class InferenceOutputs:
         self.written: list[dict[str, Any]] = []
         self._start = 0.0
         self._bar = None
+        self._protect_existing_files()
+
+    def _rle_path(self, rle_csv: str | Path | None) -> Path | None:
+        if rle_csv is None or str(rle_csv).strip() == "":
+            return None
+        path = Path(str(rle_csv)).expanduser()
+        path = path if path.is_absolute() else self.output_dir / path
+        if path.suffix.lower() != ".csv" or path.is_dir():
+            raise BundleInputError(
+                f"rle_csv {str(rle_csv)!r} must name a .csv file (absolute, or relative to output_dir), e.g. --rle_csv submission.csv."
+            )
+        return path
+
+    def _name(self, path: str) -> str:
+        """The output name of an input (sub-folder and stem, no extension)."""
+        return self.scan.output_names.get(path) or str(self._fallback_relative(path))
+
+    def planned_files(self) -> list[Path]:
+        """Every file this run will write, from the scan and the options."""
+        files = [self.output_dir / SUMMARY_NAME]
+        if self.rle_csv is not None:
+            files.append(self.rle_csv)
+        for item in self.scan.items:
+            name = self._name(item["image"])
+            files.append(self.output_dir / (name + (".nii.gz" if item["image"].lower().endswith(NIFTI_SUFFIXES) else ".png")))
+            if self.colour_masks:
+                files.append(self.output_dir / "colour" / (name + ".png"))
+            if self.overlays:
+                files.append(self.output_dir / "overlays" / (name + ".png"))
+            if self.probabilities:
+                files += [self.output_dir / "probabilities" / f"{name}_{c}.png" for c in self.class_names[1:]]
+        return files
+
+    def _protect_existing_files(self) -> None:
+        """Refuse to overwrite any file that an earlier inference run into ``output_dir`` did not write."""
+        ours = _previous_outputs(self.output_dir / SUMMARY_NAME)
+        inputs = {Path(item["image"]).resolve() for item in self.scan.items}
+        clashes = []
+        for path in self.planned_files():
+            resolved = path.resolve()
+            if resolved in inputs or (path.exists() and resolved not in ours):
+                clashes.append(path)
+        if clashes:
+            more = f" (and {len(clashes) - 1} more of the files it would write)" if len(clashes) > 1 else ""
+            raise BundleInputError(
+                f"inference would overwrite {str(clashes[0])!r}{more}, which no earlier inference run into output_dir "
+                f"{str(self.output_dir)!r} wrote: choose a new or empty --output_dir (or another --rle_csv) so none of your files is lost."
+            )
 
     def attach(self, engine: Engine) -> None:
         """Write per iteration, summarise at the end."""
@@ -87,16 +168,22 @@ class InferenceOutputs:
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
         self.rows, self.written = [], []
+        # recorded before the first write, so a run that is interrupted can be repeated into the same folder
+        running = {"status": "running", "planned": [str(p) for p in self.planned_files()]}
+        atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(running, indent=2) + "\n")
         if sys.stdout.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=len(self.scan.items) or None, desc="inference", unit="image")
 
-    def _relative(self, path: str, suffix: str) -> Path:
+    def _fallback_relative(self, path: str) -> Path:
         src = Path(path)
         root = Path(self.scan.input_dir) if self.scan.input_dir else None
         rel_parent = src.parent.relative_to(root) if root is not None and root in src.parents else Path()
-        return rel_parent / (file_stem(src) + suffix)
+        return rel_parent / file_stem(src)
+
+    def _relative(self, path: str, suffix: str) -> Path:
+        return Path(self._name(path) + suffix)
 
     def _load_rgb(self, path: str) -> np.ndarray:
         if not path.lower().endswith(NIFTI_SUFFIXES):
@@ -142,7 +229,7 @@ class InferenceOutputs:
                     )
                     for c in range(1, prob.shape[0])
                 ]
-            if self.rle_csv:
+            if self.rle_csv is not None:
                 self.rows.append((Path(path).name, rle_encode(index > 0, self.rle_order)))
             self.written.append(record)
             if self._bar is not None:
@@ -156,24 +243,24 @@ class InferenceOutputs:
             self._bar.close()
         seconds = time.perf_counter() - self._start
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.rle_csv:
-            tmp = self.output_dir / f".{self.rle_csv}.tmp"
-            with open(tmp, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(["img", "rle_mask"])
-                writer.writerows(sorted(self.rows))
-            os.replace(tmp, self.output_dir / self.rle_csv)
+        if self.rle_csv is not None:
+            buffer = io.StringIO(newline="")
+            writer = csv.writer(buffer)
+            writer.writerow(["img", "rle_mask"])
+            writer.writerows(sorted(self.rows))
+            atomic_write_text(self.rle_csv, buffer.getvalue())
         summary = {
+            "status": "finished",
             "written": self.written,
             "skipped": self.scan.skipped,
             "images_written": len(self.written),
             "images_skipped": len(self.scan.skipped),
             "seconds_total": round(seconds, 3),
             "seconds_per_image": round(seconds / len(self.written), 4) if self.written else None,
-            "rle_csv": str(self.output_dir / self.rle_csv) if self.rle_csv else None,
+            "rle_csv": str(self.rle_csv) if self.rle_csv else None,
             "rle_order": self.rle_order if self.rle_csv else None,
         }
-        (self.output_dir / "inference_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         logger.info(
             "inference: %d written, %d skipped, %.3f s per image; summary in %s",
             len(self.written), len(self.scan.skipped), summary["seconds_per_image"] or 0.0, self.output_dir / "inference_summary.json",

@@ -21,7 +21,16 @@ from monai.transforms import LoadImage, MapTransform
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import Image2DReader, Nifti2DReader
 
-__all__ = ["EnsureChannelsd", "MaskToIndexd", "ReloadLabeld", "item_source", "mask_loader", "source_name"]
+__all__ = [
+    "EnsureChannelsd",
+    "MaskToIndexd",
+    "ReloadLabeld",
+    "channel_conversion_note",
+    "item_source",
+    "mask_loader",
+    "mode_channels",
+    "source_name",
+]
 
 # ITU-R BT.601 luma weights, as PIL uses for RGB -> L
 _LUMA = (0.299, 0.587, 0.114)
@@ -52,6 +61,49 @@ def mask_loader(palette_to_rgb: bool = False) -> LoadImage:
 def _to_luma(rgb: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device).view(3, *([1] * (rgb.ndim - 1)))
     return (rgb[:3] * weights).sum(0, keepdim=True)
+
+
+#: Pillow modes whose pixels the readers hand over as RGB(A); every other mode is one gray channel
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+_ALPHA_MODES = {"LA", "RGBA", "PA"}
+
+
+def mode_channels(mode: str) -> int:
+    """The channel count (alpha not counted) of an image of Pillow ``mode`` as the readers load it.
+
+    Palette images count as RGB (the image reader expands them); NIfTI slices (``"NIfTI ..."``)
+    and 1-bit, 8-bit, 16-bit and float grayscale modes count as one channel.
+    """
+    return 3 if mode.split(" ")[0] in _COLOUR_MODES else 1
+
+
+def channel_conversion_note(modes: Mapping[str, int], in_channels: int) -> str | None:
+    """One sentence saying which images :class:`EnsureChannelsd` converts, or ``None`` when none is.
+
+    Args:
+        modes: image mode (Pillow's, or ``"NIfTI ..."``) -> number of images of that mode.
+        in_channels: the network's input channels (1 or 3).
+
+    Example:
+        ``channel_conversion_note({"RGB": 3, "L": 2}, 1)`` says that the 3 colour images become
+        grayscale by luma.
+    """
+    total = sum(modes.values())
+    other = {m: n for m, n in modes.items() if mode_channels(m) != in_channels}
+    alpha = sum(n for m, n in modes.items() if m in _ALPHA_MODES)
+    if not other and not alpha:
+        return None
+    listing = ", ".join(f"{n} {m}" for m, n in sorted(modes.items()))
+    parts = []
+    if other:
+        count = sum(other.values())
+        if in_channels == 1:
+            parts.append(f"{count} colour image(s) become grayscale by luma weights (pass --in_channels 3 to keep colour)")
+        else:
+            parts.append(f"{count} grayscale image(s) are repeated into 3 identical channels (pass --in_channels 1 if all are grayscale)")
+    if alpha:
+        parts.append(f"the alpha channel of {alpha} image(s) is dropped")
+    return f"images by mode: {listing} (of {total}); with in_channels {in_channels}, " + " and ".join(parts) + "."
 
 
 class EnsureChannelsd(MapTransform):

@@ -9,6 +9,7 @@ masks are written 0/255 so they are visible in any viewer; multiclass masks keep
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ class SaveMaskd(SaveImaged):
         num_classes: classes including background; 2 writes PNG masks as 0/255.
         data_root_dir: the input folder, whose relative sub-folders are kept under ``output_dir``.
         print_log: log every written file.
+        name_key: the item key holding the output name chosen by
+            :func:`monai_unet_bundle.data.scan_inputs` (sub-folder and stem, no extension, distinct for
+            every input); when an item has none, the name comes from ``data_root_dir`` and the stem.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class SaveMaskd(SaveImaged):
         num_classes: int = 2,
         data_root_dir: PathLike = "",
         print_log: bool = False,
+        name_key: str = "output_name",
     ) -> None:
         common = {
             "output_dir": output_dir,
@@ -61,11 +66,18 @@ class SaveMaskd(SaveImaged):
         )
         self.nifti_saver = SaveImage(output_ext=".nii.gz", writer="NibabelWriter", **common)
         self.num_classes = num_classes
+        self.output_dir = Path(output_dir)
+        self.name_key = name_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        name = d.get(self.name_key)
         for key in self.key_iterator(d):
             mask = d[key]
             saver = self.nifti_saver if is_nifti(source_name(mask)) else self.saver
-            saver(mask.to(torch.uint8) if self.num_classes != 2 else mask)
+            target = None
+            if isinstance(name, str) and name:
+                target = self.output_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+            saver(mask.to(torch.uint8) if self.num_classes != 2 else mask, filename=None if target is None else str(target))
         return d

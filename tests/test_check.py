@@ -37,7 +37,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
     with pytest.raises(BundleInputError) as info:
         _check(data, tmp_path, spatial_size=[40, 40])
     message = str(info.value)
-    assert message.startswith("the data check found 5 problem(s)")
+    assert len(message.splitlines()) == 5  # one sentence per problem, one problem per line
     for part in (
         "use [48, 48] instead",
         "1 image(s) in", "images/no_mask.png",
@@ -100,8 +100,10 @@ def test_check_data_workflow_id_reports_and_exits_2(tmp_path):
         "check_data", "--config_file", config("train.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data),
         *TINY, expect_rc=2,
     )
-    assert "error: the data check found 4 problem(s)" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("error: ") for line in lines), proc.stderr
     assert "Traceback" not in proc.stderr and "no_mask.png" in proc.stderr
+    assert any("case_01.png cannot be read" in line and "replace the file" in line for line in lines)
     assert (tmp_path / "logs" / "data_check.json").is_file() and not (tmp_path / "models").exists()
 
 

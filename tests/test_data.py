@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from monai_unet_bundle.data import build_datalists, file_stem, find_pairs, list_images, split_pairs
+from monai_unet_bundle.data import (
+    build_datalists,
+    evaluation_items,
+    file_stem,
+    find_pairs,
+    list_images,
+    output_names,
+    scan_inputs,
+    split_pairs,
+)
 from monai_unet_bundle.errors import BundleInputError
 
 
@@ -62,10 +71,11 @@ def test_split_is_deterministic_and_never_empty():
 
 
 def test_split_refuses_a_single_pair_and_bad_fraction():
-    with pytest.raises(BundleInputError, match="at least 2 are needed"):
+    with pytest.raises(BundleInputError, match=r"validation split would be empty .*: add pairs \(at least 2\), or give validation pairs"):
         split_pairs([{"image": "a", "label": "a"}], 0.2)
-    with pytest.raises(BundleInputError, match="val_fraction must be between 0 and 1"):
-        split_pairs([{"image": "a", "label": "a"}] * 3, 1.0)
+    for bad in (1.0, 0, -0.5, "abc", None, True):
+        with pytest.raises(BundleInputError, match=r"val_fraction must be a number between 0 and 1 \(exclusive\), e.g. 0.2; got"):
+            split_pairs([{"image": "a", "label": "a"}] * 3, bad)
 
 
 def test_datalist_paths_are_relative_to_dataset_dir(tmp_path):
@@ -114,7 +124,7 @@ def test_list_images_skips_unreadable_files(tmp_path, caplog):
     (tmp_path / "in" / "notes.txt").write_text("ignored")
     with caplog.at_level("WARNING"):
         items = list_images(tmp_path / "in")
-    assert items == [{"image": str(tmp_path / "in" / "good.png")}]
+    assert items == [{"image": str(tmp_path / "in" / "good.png"), "output_name": "good"}]
     assert "broken.png" in caplog.text
 
 
@@ -123,8 +133,62 @@ def test_list_images_protects_inputs(tmp_path):
     _touch_png(tmp_path / "in" / "pred" / "a.png")  # an earlier run's output inside input_dir
     with pytest.raises(BundleInputError, match="same folder as input_dir"):
         list_images(tmp_path / "in", tmp_path / "in")
-    assert list_images(tmp_path / "in", tmp_path / "in" / "pred") == [{"image": str(tmp_path / "in" / "a.png")}]
+    assert [d["image"] for d in list_images(tmp_path / "in", tmp_path / "in" / "pred")] == [str(tmp_path / "in" / "a.png")]
+    # input_dir inside output_dir: the inputs are still inputs
+    assert [d["image"] for d in list_images(tmp_path / "in" / "pred", tmp_path / "in")] == [str(tmp_path / "in" / "pred" / "a.png")]
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "broken.jpg").write_bytes(b"nope")
     with pytest.raises(BundleInputError, match="no readable image .* found in input_dir"):
         list_images(tmp_path / "empty", tmp_path / "out")
+
+
+def test_output_names_never_clash(tmp_path):
+    for rel in ("a.png", "a.jpg", "A.tif", "sub/a.png", "scan.nii.gz", "scan.nii"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / rel).write_bytes(b"")  # names only: nothing is read
+    other = tmp_path / "elsewhere" / "a.png"
+    _touch_png(other)
+    paths = [str(tmp_path / "in" / r) for r in ("a.png", "a.jpg", "A.tif", "sub/a.png", "scan.nii.gz", "scan.nii")] + [str(other)]
+    names = output_names(paths, tmp_path / "in")
+    assert names[paths[0]] == "a" and names[paths[1]] == "a_jpg" and names[paths[2]] == "A_tif"
+    assert names[paths[3]] == "sub/a" and names[paths[4]] == "scan" and names[paths[5]] == "scan_nii"
+    assert names[str(other)] == "a_png"  # outside input_dir: named by stem, which is taken
+    assert len({n.lower() for n in names.values()}) == len(paths)
+
+
+def test_inference_lists_need_only_an_image_column(tmp_path):
+    for name in ("a", "b", "c"):
+        _touch_png(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "only_images.csv").write_text("image\na.png\nb.png\n")
+    scan = scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "only_images.csv"))
+    assert [Path(d["image"]).name for d in scan.items] == ["a.png", "b.png"]
+    (tmp_path / "split.csv").write_text("image,label,split\nin/c.png,,test\nin/a.png,x.png,training\n")
+    scan = scan_inputs(tmp_path / "nowhere", tmp_path / "out", str(tmp_path / "split.csv"))  # beside the list file
+    assert [d["image"] for d in scan.items] == [str(tmp_path / "in" / "c.png")]  # only the test rows
+    (tmp_path / "lists" / "plain.json").write_text(json.dumps(["a.png", {"image": "c.png"}, "a.png"]))
+    scan = scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "plain.json"))
+    assert [Path(d["image"]).name for d in scan.items] == ["a.png", "c.png"]  # named twice, predicted once
+    (tmp_path / "lists" / "bad.json").write_text(json.dumps([{"label": "x.png"}]))
+    with pytest.raises(BundleInputError, match=r"item 0 is .*each item must be an image path"):
+        scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "bad.json"))
+    (tmp_path / "lists" / "nolabel.csv").write_text("image\na.png\n")
+    with pytest.raises(BundleInputError, match="needs a header row with 'image' and 'label' columns"):
+        build_datalists(tmp_path, tmp_path / "lists" / "nolabel.csv")
+    with pytest.raises(BundleInputError, match="does not exist"):
+        scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "missing.csv"))
+
+
+def test_evaluation_scores_labelled_test_items_else_validation(caplog):
+    val = [{"image": "v.png", "label": "vm.png"}]
+    with caplog.at_level("WARNING"):
+        assert evaluation_items({"validation": val, "test": [{"image": "t.png"}]}) == val
+    assert "none of the 1 test items has a 'label'" in caplog.text
+    labelled = {"image": "u.png", "label": "um.png"}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert evaluation_items({"validation": val, "test": [{"image": "t.png"}, labelled]}) == [labelled]
+    assert "1 of the 2 test items have no 'label'" in caplog.text
+    assert evaluation_items({"validation": val}) == val
+    with pytest.raises(BundleInputError, match="nothing to evaluate"):
+        evaluation_items({"validation": [], "test": [{"image": "t.png"}]})
