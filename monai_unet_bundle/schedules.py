@@ -1,8 +1,9 @@
 """Learning-rate schedules chosen by name, and the handler that steps them.
 
 ``cosine`` (default) decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
-by ten after ``patience`` validations without a better score; ``step`` halves it every
-``max(1, max_epochs // 4)`` epochs; ``constant`` keeps it.
+by ten at the ``patience``-th validation in a row without a better score (5 by default: the 5th),
+then counts again from zero; ``step`` halves it every ``max(1, max_epochs // 4)`` epochs;
+``constant`` keeps it.
 """
 
 from __future__ import annotations
@@ -25,14 +26,23 @@ SCHEDULES = ("cosine", "plateau", "step", "constant")
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int, patience: int = 5):
     """Build the schedule called ``name`` for ``optimizer``.
 
+    ``patience`` (``plateau`` only) is the number of validations in a row without a better score
+    (any gain counts) after which the rate is divided by ten: with 5, the 5th such validation cuts
+    it.  PyTorch's ``ReduceLROnPlateau`` cuts only when the count *exceeds* its ``patience``, so it
+    is given ``patience - 1``.
+
     Raises:
-        BundleInputError: for a name not in :data:`SCHEDULES`.
+        BundleInputError: for a name not in :data:`SCHEDULES`, or a ``patience`` below 1.
     """
     if name == "cosine":
         lr = optimizer.param_groups[0]["lr"]
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(max_epochs)), eta_min=lr * 0.01)
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=patience)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise BundleInputError(f"the plateau schedule's patience must be a whole number >= 1, got {patience!r}.")
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=patience - 1, threshold=0.0, threshold_mode="abs"
+        )
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(max_epochs) // 4), gamma=0.5)
     if name == "constant":

@@ -67,13 +67,117 @@ def test_focal_and_mse_match_hand_computation():
     assert SegmentationLoss("mse", 2)(LOGITS, LABELS).item() == pytest.approx(mse, rel=1e-5)
 
 
-def test_one_weight_vector_serves_every_weighted_loss():
-    logits, labels = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
-    for name in LOSS_TERMS:
-        if name in ("mse", "bce"):
-            continue
-        value = SegmentationLoss(name, 3, class_weights=[0.2, 1.0, 1.8])(logits, labels)
-        assert torch.isfinite(value) and value.item() > 0, name
+# ------------------------------------------------------------------- class weights, loss by loss
+# Independent reference implementations (plain torch, written from the formulas, not from MONAI):
+# logits (B, C, H, W), target (B, H, W) class indices, w (C,) class weights or None.
+
+WEIGHTED_LOSSES = [name for name in LOSS_TERMS if name != "mse"]
+
+
+def _ref_ce(logits, target, w):
+    nll = -torch.log_softmax(logits.double(), 1).gather(1, target.unsqueeze(1))[:, 0]  # (B, H, W)
+    wy = torch.ones_like(nll) if w is None else w.double()[target]
+    return (wy * nll).sum() / wy.sum()  # PyTorch's weighted mean: sum(w_y * l) / sum(w_y)
+
+
+def _ref_focal(logits, target, w):
+    # gamma 2, softmax; only the true class's channel is non-zero; mean over batch, channels, pixels
+    logp = torch.log_softmax(logits.double(), 1).gather(1, target.unsqueeze(1))[:, 0]
+    per_pixel = -((1 - logp.exp()) ** 2) * logp
+    wy = torch.ones_like(per_pixel) if w is None else w.double()[target]
+    return (wy * per_pixel).sum() / (logits.shape[0] * logits.shape[1] * target[0].numel())
+
+
+def _overlaps(logits, target):
+    p = torch.softmax(logits.double(), 1)
+    g = torch.nn.functional.one_hot(target, logits.shape[1]).movedim(-1, 1).double()
+    return (p * g).sum((2, 3)), p.sum((2, 3)), g.sum((2, 3))  # each (B, C)
+
+
+def _weighted_mean(per_class, w):  # mean over (B, C) of w_c * term
+    return per_class.mean() if w is None else (per_class * w.double()).mean()
+
+
+def _ref_dice(logits, target, w, eps=1e-5):
+    inter, psum, gsum = _overlaps(logits, target)
+    return _weighted_mean(1 - (2 * inter + eps) / (psum + gsum + eps), w)
+
+
+def _ref_jaccard(logits, target, w, eps=1e-5):
+    inter, psum, gsum = _overlaps(logits, target)
+    return _weighted_mean(1 - (2 * inter + eps) / (2 * (psum + gsum - inter) + eps), w)
+
+
+_REF_TERMS = {"ce": _ref_ce, "focal": _ref_focal, "dice": _ref_dice, "jaccard": _ref_jaccard}
+
+
+def _reference(name, logits, labels, weights):
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    target = labels[:, 0].long()
+    return sum(_REF_TERMS[term](logits, target, w) for term in LOSS_TERMS[name]).item()
+
+
+def _num_classes(name: str) -> int:
+    return 2 if name == "bce" else 3
+
+
+def test_every_loss_but_mse_takes_weights():
+    expected = ["dice_ce", "dice", "ce", "bce", "focal", "dice_focal", "jaccard_bce", "weighted_ce"]
+    assert sorted(WEIGHTED_LOSSES) == sorted(expected)
+    assert {t for name in WEIGHTED_LOSSES for t in LOSS_TERMS[name]} == set(_REF_TERMS)
+
+
+@pytest.mark.parametrize("name", WEIGHTED_LOSSES)
+def test_weighted_loss_matches_a_hand_computation(name):
+    torch.manual_seed(7)
+    c = _num_classes(name)
+    logits, labels = 2 * torch.randn(2, c, 6, 5), torch.randint(0, c, (2, 1, 6, 5))
+    weights = [0.2, 1.0, 1.8][:c] if c == 3 else [0.3, 1.7]
+    unweighted = SegmentationLoss(name, c)(logits, labels).item()
+    assert unweighted == pytest.approx(_reference(name, logits, labels, None), rel=1e-5)
+    assert SegmentationLoss(name, c, class_weights=[1.0] * c)(logits, labels).item() == pytest.approx(unweighted, rel=1e-6)
+    expected = _reference(name, logits, labels, weights)
+    assert abs(expected - unweighted) > 1e-3 * unweighted  # the weights matter here: ignoring them fails below
+    assert SegmentationLoss(name, c, class_weights=weights)(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _wrong_on_class_1(c: int, margin: float = 6.0):
+    """Labels with every class present and logits right (by ``margin``) on every pixel except those of
+    class 1, which are confidently predicted as class 2 (as background when there are two classes)."""
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 0], [1, 0, 2, 0, 1, 2]]) % c
+    labels = labels.view(1, 1, 3, 6)
+    target = labels[:, 0]
+    right = torch.nn.functional.one_hot(target, c).movedim(-1, 1).float() * margin
+    wrong_class = torch.where(target == 1, torch.full_like(target, 2 if c == 3 else 0), target)
+    wrong = torch.nn.functional.one_hot(wrong_class, c).movedim(-1, 1).float() * margin
+    return right, wrong, labels
+
+
+@pytest.mark.parametrize("name", WEIGHTED_LOSSES)
+def test_class_1_weight_scales_only_the_class_1_error(name):
+    c = _num_classes(name)
+    right, wrong, labels = _wrong_on_class_1(c)
+    assert (labels == 1).sum() >= 4 and torch.equal(right.argmax(1) == wrong.argmax(1), labels[:, 0] != 1)
+
+    def loss(logits, w1):
+        weights = [1.0, w1, 1.0][:c]
+        return SegmentationLoss(name, c, class_weights=weights)(logits, labels).item()
+
+    # the error on class 1 pixels costs more the more class 1 weighs ...
+    values = [loss(wrong, w1) for w1 in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert all(b > a + 1e-3 for a, b in zip(values, values[1:])), values
+    # ... and the right prediction stays below the wrong one whenever class 1 counts
+    assert loss(right, 1.0) < values[2] - 0.1
+    # each value is the hand computation, weight 0 included
+    for w1, value in zip((0.0, 0.5, 1.0, 2.0, 4.0), values):
+        assert value == pytest.approx(_reference(name, wrong, labels, [1.0, w1, 1.0][:c]), rel=1e-5, abs=1e-7), w1
+    if set(LOSS_TERMS[name]) <= {"ce", "focal"}:
+        # pixel-wise terms: with class 1 weighing nothing its pixels drop out, so the error on them
+        # costs nothing and the loss is that of the error-free prediction
+        assert values[0] == pytest.approx(loss(right, 0.0), rel=1e-6, abs=1e-9)
+        assert values[0] < 1e-2 * values[2]
+    # (a Dice or Jaccard term also counts the class 1 pixels as false positives of the class they were
+    # given, so with weight 0 only the class 1 Dice term drops out: the hand computation above covers it)
 
 
 def test_setting_errors_are_precise():

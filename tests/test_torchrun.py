@@ -8,13 +8,15 @@ the test independent of PATH.  ``--tee 3`` prefixes every line a worker prints w
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,6 +131,38 @@ def test_ddp_training_logs_and_writes_on_rank_0_only(ddp_trained):
     assert sorted(p.name for p in (logs / "previews").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
 
 
+def _same_csv_reports(ddp: Path, single: Path) -> None:
+    """Per-image rows: same files in the same order; scores (printed with 6 decimals) equal up to
+    one unit in the last digit, "n/a" exactly where the other has it."""
+    with open(ddp) as a, open(single) as b:
+        rows, expected = list(csv.reader(a)), list(csv.reader(b))
+    assert rows[0] == expected[0] and [r[0] for r in rows] == [r[0] for r in expected]
+    for row, want in zip(rows[1:], expected[1:]):
+        assert len(row) == len(want) == len(rows[0]), (row, want)
+        for name, got, ref in zip(rows[0][1:], row[1:], want[1:]):
+            assert (got == "n/a") == (ref == "n/a"), (row[0], name, got, ref)
+            if ref != "n/a":
+                assert float(got) == pytest.approx(float(ref), rel=0, abs=1.5e-6), (row[0], name, got, ref)
+
+
+def _same_summary(got: Any, want: Any, where: str = "summary") -> None:
+    """JSON summaries: counts (images, support, the confusion matrix) and names exactly, scores up to
+    float rounding (ranks and thread counts may add in another order)."""
+    assert type(got) is type(want) or {type(got), type(want)} == {int, float}, f"{where}: {got!r} vs {want!r}"
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _same_summary(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _same_summary(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12) and math.isfinite(got), f"{where}: {got!r} vs {want!r}"
+    else:  # int counts, strings, None (a NaN score)
+        assert got == want, f"{where}: {got!r} vs {want!r}"
+
+
 def test_ddp_evaluation_reports_every_image_once_like_a_single_process(ddp_trained, data_dir: Path, tmp_path: Path):
     root, _ = ddp_trained
     # batch size 1: rank 0 evaluates 3 images in 3 iterations, rank 1 2 in 2
@@ -136,14 +170,23 @@ def test_ddp_evaluation_reports_every_image_once_like_a_single_process(ddp_train
         *EVALUATE, "--bundle_root", str(root), "--dataset_dir", str(data_dir), "--batch_size", "1",
         "--output_dir", str(tmp_path / "ddp"),
     )
-    run_bundle(
-        "--config_file", config("train.json", "evaluate.json"), *DATA, "--batch_size", "1",
-        "--bundle_root", str(root), "--dataset_dir", str(data_dir), "--output_dir", str(tmp_path / "single"),
+    # the single process with the thread count of each torchrun worker (one), so that the network's
+    # outputs, and with them every predicted pixel, are the same
+    single = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", config("train.json", "evaluate.json"), *DATA,
+         "--batch_size", "1", "--bundle_root", str(root), "--dataset_dir", str(data_dir),
+         "--output_dir", str(tmp_path / "single")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )
+    assert single.returncode == 0, (single.stdout + single.stderr)[-6000:]
     ddp_csv = (tmp_path / "ddp" / "metrics_per_image.csv").read_text()
     assert len(ddp_csv.splitlines()) == 1 + 5
-    assert ddp_csv == (tmp_path / "single" / "metrics_per_image.csv").read_text()
-    assert (tmp_path / "ddp" / "metrics_summary.json").read_text() == (tmp_path / "single" / "metrics_summary.json").read_text()
+    _same_csv_reports(tmp_path / "ddp" / "metrics_per_image.csv", tmp_path / "single" / "metrics_per_image.csv")
+    ddp_summary = json.loads((tmp_path / "ddp" / "metrics_summary.json").read_text())
+    single_summary = json.loads((tmp_path / "single" / "metrics_summary.json").read_text())
+    _same_summary(ddp_summary, single_summary)
+    assert ddp_summary["images"] == 5 and ddp_summary["confusion_matrix"] == single_summary["confusion_matrix"]
+    assert sum(map(sum, ddp_summary["confusion_matrix"])) == sum(ddp_summary["all_pixels"]["support"]) > 0
     lines = by_rank(proc)
     assert count(lines[0], "Metrics -- val_mean_dice") == 1 and count(lines[1], "Metrics -- val_mean_dice") == 0
     assert count(lines[0], "evaluation of 5 images") == 1 and count(lines[1], "evaluation of 5 images") == 0
@@ -166,15 +209,17 @@ def test_early_stopping_stops_both_ranks_after_the_same_epoch(data_dir: Path, tm
     assert curve_epochs(tmp_path / "logs") == [1, 2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
-    """The README's multi-node command, with two 'nodes' of one process each on this machine."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    """The README's multi-node command, with two 'nodes' of one process each on this machine.
+
+    The rendezvous port is not looked up and handed on (another process could take it meanwhile):
+    this test binds it, with a c10d TCP store of its own, and holds it until the nodes are done.
+    Both nodes run the same command; each finds the endpoint's port in use, so joins the store
+    there as a client, as the second node did when one of them hosted it, and the two agents
+    rendezvous through it, number the nodes and start one worker each.
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    endpoint = f"127.0.0.1:{store.port}"
     launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "t"]
     args = [*TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir), "--max_epochs", "1"]
     nodes = [
@@ -186,6 +231,7 @@ def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
     finally:
         for node in nodes:
             node.kill()
+        del store
     assert [n.returncode for n in nodes] == [0, 0], "\n\n".join(o[-4000:] for o in outputs)
     ranks = sorted(int(m) for o in outputs for m in re.findall(r"process group: rank (\d) of 2 \(gloo\)", o))
     assert ranks == [0, 1]
