@@ -26,30 +26,13 @@ from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.data import discover_datalists, fingerprint
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.networks import check_spatial_size
-from monai_unet_bundle.readers import NIFTI_SUFFIXES
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, inspect_image
 from monai_unet_bundle.transforms import MaskToIndexd, channel_conversion_note, mask_loader
 
-__all__ = ["checked_datalists", "inspect_image"]
+__all__ = ["checked_datalists"]
 
 logger = logging.getLogger(__name__)
 REPORT_VERSION = 1
-
-
-def inspect_image(path: str) -> tuple[tuple[int, int], str]:
-    """Return ``((height, width), mode)`` of a 2D image file without decoding all pixels when possible."""
-    if path.lower().endswith(NIFTI_SUFFIXES):
-        import nibabel
-
-        shape = tuple(int(s) for s in nibabel.load(path).shape)
-        spatial = [s for s in shape if s != 1] if len(shape) == 3 else list(shape)
-        if len(spatial) != 2:
-            raise ValueError(f"shape {shape} is not a 2D slice")
-        return (spatial[0], spatial[1]), f"NIfTI {nibabel.load(path).get_data_dtype()}"
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()  # decode fully: a truncated file must show up here, not in the middle of training
-        return (img.height, img.width), img.mode
 
 
 def checked_datalists(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image
 from monai_unet_bundle.transforms import channel_conversion_note
 
 __all__ = [
@@ -364,19 +364,14 @@ def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, s
 
 
 def _readable(path: Path) -> tuple[str | None, str]:
-    """Return ``(why path cannot be read as an image or None, its mode)``, e.g. ``(None, "RGB")``."""
+    """Return ``(why path cannot be read as a 2D image or None, its mode)``, e.g. ``(None, "RGB")``."""
     try:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
+        _, mode = inspect_image(str(path))
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
             import nibabel
 
-            nifti = nibabel.load(str(path))
-            nifti.get_fdata(dtype="float32")
-            return None, "NIfTI"
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img.load()
-            return None, img.mode
+            nibabel.load(str(path)).get_fdata(dtype="float32")  # a truncated .nii.gz fails here, not mid-run
+        return None, mode
     except Exception as exc:  # any decoder failure means the file is skipped, with the reason kept
         return f"{type(exc).__name__}: {exc}", ""
 

@@ -23,7 +23,7 @@ from monai.utils import ensure_tuple
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader"]
+__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader", "inspect_image"]
 
 PIL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -104,3 +104,24 @@ class Nifti2DReader(NibabelReader):
                 meta[key] = np.asarray(meta[key])[:, columns]
         meta["spatial_shape"] = np.asarray([shape[i] for i in keep])
         return np.squeeze(data, axis=axis), meta
+
+
+def inspect_image(path: str) -> tuple[tuple[int, int], str]:
+    """Return ``((height, width), mode)`` of a 2D image file, or raise why it cannot be read as one.
+
+    PIL images are decoded fully, so a truncated file shows up here and not in the middle of a
+    run; NIfTI files are checked from their header (a 2D slice, or 3D with one axis of size 1).
+    """
+    if path.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel
+
+        shape = tuple(int(s) for s in nibabel.load(path).shape)
+        spatial = [s for s in shape if s != 1] if len(shape) == 3 else list(shape)
+        if len(spatial) != 2:
+            raise ValueError(f"shape {shape} is not a 2D slice")
+        return (spatial[0], spatial[1]), f"NIfTI {nibabel.load(path).get_data_dtype()}"
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decode fully: a truncated file must show up here, not in the middle of training
+        return (img.height, img.width), img.mode

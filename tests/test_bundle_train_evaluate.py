@@ -81,14 +81,15 @@ def test_evaluation_without_a_model_says_so(tmp_path: Path, tiny_dataset: Path):
     ("args", "message"),
     [
         (["--spatial_size", "[40,40]"], "spatial_size [40, 40] is not divisible by the U-Net's total stride 16: use [48, 48] instead."),
-        (["--activation", "swish"], "activation 'swish' is not supported"),
+        (["--activation", "swish"], "activation is 'swish', but it must be one of elu, relu, leakyrelu: pass --activation with such a value."),
         (["--dataset_dir", "/nonexistent/x"], "dataset_dir '/nonexistent/x' does not exist"),
     ],
 )
 def test_bad_settings_end_in_one_sentence(tmp_path: Path, tiny_dataset: Path, args: list[str], message: str):
     full = ["--dataset_dir", str(tiny_dataset), "--num_workers", "0", *args]
     proc = run_bundle("--config_file", config("train.json"), "--bundle_root", str(tmp_path), *full, expect_rc=2)
-    assert message in proc.stderr
+    assert proc.stderr.splitlines() == ["error: " + message] if message.endswith(".") else message in proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "models").exists()
 
@@ -98,5 +99,8 @@ def test_an_empty_validation_split_stops_before_training(tmp_path: Path):
     proc = run_bundle(
         "--config_file", config("train.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data), *TINY, expect_rc=2
     )
-    assert "found 1 image/mask pair(s); at least 2 are needed" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: found 1 image/mask pair(s) and no validation list, so the validation split would be empty and no model "
+        "could ever be saved: add pairs (at least 2), or give validation pairs with --val_dataset_dir or a datalist."
+    ]
     assert "Epoch" not in proc.stdout

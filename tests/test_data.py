@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -122,9 +124,13 @@ def test_list_images_skips_unreadable_files(tmp_path, caplog):
     _touch_png(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "in" / "notes.txt").write_text("ignored")
+    (tmp_path / "in" / "empty.jpg").write_bytes(b"")
+    nib.save(nib.Nifti1Image(np.zeros((6, 8, 4), np.float32), np.eye(4)), tmp_path / "in" / "volume.nii.gz")  # not a slice
     with caplog.at_level("WARNING"):
-        items = list_images(tmp_path / "in")
-    assert items == [{"image": str(tmp_path / "in" / "good.png"), "output_name": "good"}]
+        scan = scan_inputs(tmp_path / "in")
+    assert scan.items == [{"image": str(tmp_path / "in" / "good.png"), "output_name": "good"}]
+    reasons = {Path(s["file"]).name: s["reason"] for s in scan.skipped}
+    assert sorted(reasons) == ["broken.png", "empty.jpg", "volume.nii.gz"] and "not a 2D slice" in reasons["volume.nii.gz"]
     assert "broken.png" in caplog.text
 
 
