@@ -11,6 +11,11 @@
   it when a run starts.  It copies the state at the epoch's end and writes the copy from a
   background thread while the next epoch trains: the trainer waits about 5 ms instead of about
   60 ms (serialising and flushing 24 MB for the default network).
+* :class:`ModelLoader` (inference and evaluation) loads ``ckpt_path`` into the network, and
+  :func:`load_model` explains in one sentence a file that cannot be: a folder, an empty,
+  truncated or foreign file, one carrying Python objects (never unpickled: ``weights_only=True``),
+  a resume checkpoint, or a model trained with other ``num_classes``, ``in_channels``,
+  ``architecture`` or ``base_features`` (read back from the tensor shapes).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,17 @@ from ignite.engine import Engine, Events
 from monai_unet_bundle.atomic import atomic_save, remove_leftovers
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["BestModelSaver", "ResumeCheckpoint", "require_checkpoint", "snapshot"]
+__all__ = [
+    "BestModelSaver",
+    "ModelLoader",
+    "ResumeCheckpoint",
+    "check_model",
+    "load_model",
+    "network_settings",
+    "read_state_dict",
+    "require_checkpoint",
+    "snapshot",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +71,264 @@ def require_checkpoint(path: str | Path) -> str:
     """Return ``path`` when it is an existing file, else explain how to get one.
 
     Raises:
-        BundleInputError: when no file exists at ``path``.
+        BundleInputError: when no file exists at ``path``, or it is a folder.
     """
+    if Path(path).is_dir():
+        inside = Path(path) / "model.pt"
+        hint = f"--ckpt_path {inside}" if inside.is_file() else "--ckpt_path with the model.pt that training wrote"
+        raise BundleInputError(f"model {path} is a folder, not a model file: pass {hint}.")
     if not Path(path).is_file():
         raise BundleInputError(
             f"no trained model at {str(path)!r}: run configs/train.json first, or pass --ckpt_path with a model.pt."
         )
     return str(path)
+
+
+#: what to do about a file that is no model of network_def
+_TRAIN_OR_PASS = "train again, or pass --ckpt_path with a model.pt written by configs/train.json"
+#: the settings that shape a network's tensors, in the order messages name them
+_SETTINGS = ("num_classes", "in_channels", "architecture", "base_features")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _pickle_globals(path: str | Path) -> list[str] | None:
+    """The ``module.name`` objects a raw pickle file refers to, read without unpickling anything.
+
+    Returns:
+        The names (empty for a pickle of plain data only), or ``None`` when the file is no pickle.
+    """
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(Path(path).read_bytes()):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
+            elif isinstance(arg, str):
+                strings.append(arg)
+            elif opcode.name in ("REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX", "OBJ") and not names:
+                names.append("?")
+    except Exception:  # not a pickle (or one cut short): genops raises on the first bad opcode
+        return None
+    return list(dict.fromkeys(names))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (parameter name -> tensor) from ``path``, never running code from it.
+
+    The file is read with ``torch.load(..., weights_only=True)``: a pickle that refers to any
+    Python object besides tensors and plain containers is refused before anything in it runs.
+
+    Raises:
+        BundleInputError: one sentence naming the file, what it holds and what to do, for a
+            missing file or folder, an empty, truncated or foreign file, a file carrying Python
+            objects, a resume checkpoint, or anything else that is not a state dict.
+    """
+    require_checkpoint(path)
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise BundleInputError(f"model {path} is an empty file (0 bytes; a copy or a save cut short?): {_TRAIN_OR_PASS}.")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        names = [found.group(1)] if found else _pickle_globals(path)
+        if names:
+            raise BundleInputError(
+                f"model {path} holds Python objects besides tensors ({', '.join(names[:3])}), which are never loaded "
+                f"because loading them could run code: pass --ckpt_path with a plain state dict such as the model.pt "
+                f"configs/train.json writes, or train again."
+            ) from None
+        if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+            what = f"a truncated or damaged PyTorch file ({_plural(size, 'byte')})"
+        elif names is not None:
+            what = f"a plain Python pickle ({_plural(size, 'byte')}), not a PyTorch file"
+        else:
+            what = f"no PyTorch data ({_plural(size, 'byte')} that torch.load cannot read)"
+        raise BundleInputError(f"model {path} holds {what}: {_TRAIN_OR_PASS}.") from None
+    if isinstance(state, Mapping) and isinstance(state.get("network"), Mapping) and "trainer" in state:
+        beside = Path(path).parent / "model.pt"
+        where = str(beside) if beside.is_file() and beside.resolve() != Path(path).resolve() else "with the model.pt beside it"
+        raise BundleInputError(
+            f"model {path} is a resume checkpoint (network, optimizer and trainer state), not a model: pass --ckpt_path "
+            f"{where}, the best model that training keeps."
+        )
+    if not isinstance(state, Mapping):
+        raise BundleInputError(
+            f"model {path} holds a {type(state).__name__}, not a state dict of network_def (parameter name -> tensor): "
+            f"{_TRAIN_OR_PASS}."
+        )
+    if not state:
+        raise BundleInputError(f"model {path} holds an empty dict, not the weights of network_def: {_TRAIN_OR_PASS}.")
+    others = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise BundleInputError(
+            f"model {path} holds a dict with entries that are not tensors ({shown}), not a plain state dict of "
+            f"network_def: save network.state_dict() alone, or {_TRAIN_OR_PASS}."
+        )
+    return dict(state)
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _reference_shapes(architecture: str, in_channels: int, num_classes: int, base_features: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of ``build_network(...)``, built on the meta device (no memory, no weights)."""
+    from monai_unet_bundle.networks import build_network
+
+    with torch.device("meta"):
+        net = build_network(architecture, in_channels=in_channels, out_channels=num_classes, base_features=base_features)
+    return _shapes(net.state_dict())
+
+
+def network_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """The settings a state dict of :func:`monai_unet_bundle.networks.build_network` was made with.
+
+    Tensor names tell the architecture; every shape is linear in ``in_channels``,
+    ``num_classes`` and ``base_features``, so one network built with each raised by one tells
+    which dimensions follow it and how; the result is checked by building it again.
+
+    Returns:
+        ``{"architecture", "in_channels", "num_classes", "base_features"}``, or ``None`` for a
+        state dict of some other network.
+    """
+    from monai_unet_bundle.networks import NETWORKS
+
+    shapes = _shapes(state)
+    for architecture in NETWORKS:
+        base = _reference_shapes(architecture, 1, 1, 1)
+        if set(base) != set(shapes):
+            continue
+        found: dict[str, Any] = {"architecture": architecture}
+        for name, args in (("in_channels", (2, 1, 1)), ("num_classes", (1, 2, 1)), ("base_features", (1, 1, 2))):
+            bumped = _reference_shapes(architecture, *args)
+            values = set()
+            for key, dims in base.items():
+                if len(dims) != len(shapes[key]):
+                    return None
+                for one, two, actual in zip(dims, bumped[key], shapes[key]):
+                    if one != two:  # actual = one + slope * (value - 1)
+                        slope = two - one
+                        values.add((actual - one) / slope + 1)
+            if len(values) != 1 or not float(next(iter(values))).is_integer() or next(iter(values)) < 1:
+                return None
+            found[name] = int(next(iter(values)))
+        args = (found["architecture"], found["in_channels"], found["num_classes"], found["base_features"])
+        return found if _reference_shapes(*args) == shapes else None
+    return None
+
+
+def _describe(settings: Mapping[str, Any], names: list[str]) -> str:
+    return ", ".join(f"{n} {settings[n]}" for n in names)
+
+
+def _mismatch_message(path: str | Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """One sentence on why ``state`` does not fit the network whose state dict is ``expected``."""
+    trained, current = network_settings(state), network_settings(expected)
+    if trained is not None and current is not None:
+        differ = [n for n in _SETTINGS if trained[n] != current[n]]
+        if differ == ["num_classes"]:
+            return (
+                f"model {path} was trained for {trained['num_classes']} classes while num_classes is "
+                f"{current['num_classes']}: pass --num_classes {trained['num_classes']} or train again."
+            )
+        if differ == ["in_channels"]:
+            return (
+                f"model {path} was trained for {_plural(trained['in_channels'], 'input channel')} while in_channels is "
+                f"{current['in_channels']}: pass --in_channels {trained['in_channels']} or train again."
+            )
+        if differ:
+            return (
+                f"model {path} was trained with {_describe(trained, differ)} while the settings say "
+                f"{_describe(current, differ)}: pass {' '.join(f'--{n} {trained[n]}' for n in differ)} or train again."
+            )
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    example = (missing or unexpected or resized or ["?"])[0]
+    if trained is not None:  # a network of this bundle, but network_def builds something else
+        return (
+            f"model {path} was trained with {_describe(trained, list(_SETTINGS))} but network_def builds another "
+            f"network (e.g. {example!r} differs): pass those settings or train again."
+        )
+    return (
+        f"model {path} holds the weights of another network ({len(missing)} of network_def's tensors missing, "
+        f"{len(unexpected)} unknown, {len(resized)} of another shape, e.g. {example!r}): pass --ckpt_path with a "
+        f"model.pt trained by this bundle with the same --architecture, --base_features, --num_classes and "
+        f"--in_channels, or train again."
+    )
+
+
+def load_model(path: str | Path, network: torch.nn.Module) -> torch.nn.Module:
+    """Load the state dict in ``path`` into ``network`` after checking that it fits.
+
+    ``network`` may be wrapped (``DistributedDataParallel``: its ``.module`` is loaded), live on
+    any device and in any memory format (the weights are copied into its own tensors, which keep
+    theirs).  A state dict saved from a wrapped network (every name starting with ``module.``) is
+    accepted too.
+
+    Returns:
+        ``network``.
+
+    Raises:
+        BundleInputError: as :func:`read_state_dict`, and for a model of another ``num_classes``,
+            ``in_channels``, ``architecture`` or ``base_features`` (naming the values to pass) or
+            of another network altogether.
+    """
+    state = read_state_dict(path)
+    net = getattr(network, "module", network)
+    expected = net.state_dict()
+    if set(state) != set(expected) and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items())
+    if not fits:
+        raise BundleInputError(_mismatch_message(path, state, expected))
+    net.load_state_dict(state)
+    logger.info("loaded the model %s", path)
+    return network
+
+
+def check_model(path: str | Path, network: torch.nn.Module) -> str:
+    """Load ``path`` into ``network`` now (see :func:`load_model`) and return the path.
+
+    For a config's ``initialize`` list: there it runs before the data set is built (and cached),
+    so a wrong file is reported before any image is read, instead of when the evaluator's
+    :class:`ModelLoader` is attached.
+    """
+    load_model(path, network)
+    return str(path)
+
+
+class ModelLoader:
+    """Load ``models/model.pt`` into the network of an inference or evaluation run (instead of MONAI's ``CheckpointLoader``).
+
+    The weights are loaded, through :func:`load_model`, when the handler is attached, that is
+    when the evaluator is built and before it runs, so a wrong file stops the run at once with
+    one sentence.
+
+    Args:
+        load_path: the model file (``ckpt_path``).
+        network: the network to load it into (``@network``, possibly DistributedDataParallel).
+    """
+
+    def __init__(self, load_path: str | Path, network: torch.nn.Module) -> None:
+        self.load_path = load_path
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        """Load the weights now."""
+        load_model(self.load_path, self.network)
 
 
 class BestModelSaver:

@@ -6,6 +6,9 @@
 * :class:`ValidationPreviews` saves, for the first few validation images, the image, the ground
   truth and the prediction side by side (``previews/epoch_XXXX.png``), and sends the same picture
   to TensorBoard when a log folder is given.
+
+matplotlib (``curves.png``) and tensorboard are optional (:mod:`monai_unet_bundle.optional`):
+without one, its output is skipped after one warning and training goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
+from monai_unet_bundle import optional
 from monai_unet_bundle.progress import loss_value
 
 __all__ = ["TrainingCurves", "ValidationPreviews", "overlay", "preview_strip"]
@@ -84,7 +88,7 @@ class TrainingCurves:
             self.write()
 
     def write(self) -> None:
-        """Write ``curves.csv`` and ``curves.png`` from the rows."""
+        """Write ``curves.csv`` and (with matplotlib installed) ``curves.png`` from the rows."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         tmp = self.output_dir / ".curves.csv.tmp"
@@ -93,7 +97,8 @@ class TrainingCurves:
             writer.writeheader()
             writer.writerows(self.rows)
         os.replace(tmp, self.output_dir / "curves.csv")
-        self._plot(columns)
+        if optional.available("matplotlib"):
+            self._plot(columns)
 
     def _plot(self, columns: Sequence[str]) -> None:
         import matplotlib
@@ -162,7 +167,8 @@ class ValidationPreviews:
     Args:
         output_dir: folder for ``epoch_XXXX.png`` files.
         num_images: how many images per validation.
-        log_dir: when given, also add the picture to TensorBoard there (tag ``val_preview``).
+        log_dir: when given, also add the picture to TensorBoard there (tag ``val_preview``;
+            skipped after one warning when tensorboard is not installed).
     """
 
     def __init__(self, output_dir: str | Path, num_images: int = 4, log_dir: str | Path | None = None) -> None:
@@ -194,7 +200,7 @@ class ValidationPreviews:
         picture = np.concatenate(padded, axis=0)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture).save(self.output_dir / f"epoch_{int(engine.state.epoch):04d}.png")
-        if self.log_dir is not None:
+        if self.log_dir is not None and optional.available("tensorboard"):
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 

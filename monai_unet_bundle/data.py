@@ -24,6 +24,7 @@ from monai_unet_bundle.transforms import channel_conversion_note
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DataSource",
     "build_datalists",
     "InputScan",
     "find_pairs",
@@ -242,15 +243,9 @@ def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[
     return out
 
 
-def discover_datalists(
-    dataset_dir: str | Path,
-    datalist: str | Path | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    mask_suffix: str = "",
-    val_dataset_dir: str | Path | None = None,
-) -> tuple[dict[str, list[dict[str, str]]], list[str], list[str]]:
-    """Build the ``training``/``validation`` (and optional ``test``) lists, collecting every problem.
+@dataclass(frozen=True)
+class DataSource:
+    """Where the training pairs come from: the six data settings as one value.
 
     Args:
         dataset_dir: folder with ``images/`` and ``masks/``; also the base of relative datalist paths.
@@ -261,11 +256,28 @@ def discover_datalists(
         mask_suffix: see :func:`find_pairs`.
         val_dataset_dir: a separate folder with ``images/`` and ``masks/`` for validation; then
             ``dataset_dir`` is used for training only and nothing is split.
+    """
+
+    dataset_dir: str | Path
+    datalist: str | Path | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    mask_suffix: str = ""
+    val_dataset_dir: str | Path | None = None
+
+
+def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str]]], list[str], list[str]]:
+    """Build the ``training``/``validation`` (and optional ``test``) lists, collecting every problem.
+
+    Args:
+        source: where the pairs come from.
 
     Returns:
         ``(lists, problems, warnings)``: problems block training (missing folders or masks, an
         empty validation split); warnings do not (masks without an image).
     """
+    dataset_dir, datalist, val_dataset_dir = source.dataset_dir, source.datalist, source.val_dataset_dir
+    mask_suffix = source.mask_suffix
     problems: list[str] = []
     warnings: list[str] = []
     base = Path(dataset_dir)
@@ -298,27 +310,20 @@ def discover_datalists(
             lists[key] = pairs
     if not lists.get("validation"):
         try:
-            lists["training"], lists["validation"] = split_pairs(lists["training"], val_fraction, seed)
+            lists["training"], lists["validation"] = split_pairs(lists["training"], source.val_fraction, source.seed)
         except BundleInputError as exc:
             problems.append(str(exc))
             lists["validation"] = []
     return lists, problems, warnings
 
 
-def build_datalists(
-    dataset_dir: str | Path,
-    datalist: str | Path | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    mask_suffix: str = "",
-    val_dataset_dir: str | Path | None = None,
-) -> dict[str, list[dict[str, str]]]:
+def build_datalists(source: DataSource) -> dict[str, list[dict[str, str]]]:
     """The lists of :func:`discover_datalists`, refusing them when there is any problem.
 
     Raises:
         BundleInputError: holding every problem, one sentence per line.
     """
-    lists, problems, _ = discover_datalists(dataset_dir, datalist, val_fraction, seed, mask_suffix, val_dataset_dir)
+    lists, problems, _ = discover_datalists(source)
     if problems:
         raise BundleInputError("\n".join(problems))
     logger.info("data: %d training, %d validation pairs", len(lists["training"]), len(lists["validation"]))

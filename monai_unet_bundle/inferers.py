@@ -13,6 +13,7 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from monai_unet_bundle.fusion import FusedCache
+from monai_unet_bundle.settings import flag
 
 __all__ = ["SegmentationInferer"]
 
@@ -44,7 +45,8 @@ class SegmentationInferer(Inferer):
         fuse_batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.tta = bool(tta)
+        self.tta = flag(tta, "tta")
+        sliding_window = flag(sliding_window, "sliding_window")
         self.fused = FusedCache() if fuse_batch_norm else None
         self.window = (
             SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")

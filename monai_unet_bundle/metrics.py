@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 def default_class_names(num_classes: int) -> list[str]:
-    """``["background", "foreground"]`` for binary, else ``["background", "class_1", ...]``."""
+    """``["background", "foreground"]`` for binary, else ``["background", "class_1", ...]``.
+
+    A ``num_classes`` that is not a whole number gives ``[]`` (the settings check reports it).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        return []
     if num_classes == 2:
         return ["background", "foreground"]
     return ["background"] + [f"class_{i}" for i in range(1, num_classes)]

@@ -26,6 +26,8 @@ from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.curves import PALETTE, overlay
 from monai_unet_bundle.data import InputScan, file_stem
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.optional import available
+from monai_unet_bundle.settings import flag
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, Image2DReader, Nifti2DReader
 from monai_unet_bundle.rle import _order, rle_encode
 from monai_unet_bundle.transforms import item_source
@@ -101,7 +103,9 @@ class InferenceOutputs:
         self.output_dir = Path(output_dir)
         self.num_classes = int(num_classes)
         self.scan = scan or InputScan()
-        self.overlays, self.colour_masks, self.probabilities = bool(overlays), bool(colour_masks), bool(probabilities)
+        self.overlays = flag(overlays, "save_overlays")
+        self.colour_masks = flag(colour_masks, "save_colour_masks")
+        self.probabilities = flag(probabilities, "save_probabilities")
         self.rle_csv = self._rle_path(rle_csv)
         self.rle_order = rle_order
         _order(rle_order)  # validate early
@@ -171,7 +175,7 @@ class InferenceOutputs:
         # recorded before the first write, so a run that is interrupted can be repeated into the same folder
         running = {"status": "running", "planned": [str(p) for p in self.planned_files()]}
         atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(running, indent=2) + "\n")
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and available("tqdm"):
             from tqdm import tqdm
 
             self._bar = tqdm(total=len(self.scan.items) or None, desc="inference", unit="image")

@@ -17,6 +17,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import flag
 
 __all__ = ["ClassIndexd", "PostProcessd", "class_index", "fill_holes", "keep_largest_component", "remove_small_objects"]
 
@@ -118,7 +119,8 @@ class PostProcessd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
             raise BundleInputError(f"remove_smaller_than must be a whole number of pixels >= 0, got {min_size!r}.")
-        self.num_classes, self.keep_largest, self.fill, self.min_size = num_classes, keep_largest, fill_holes, min_size
+        self.num_classes, self.min_size = num_classes, min_size
+        self.keep_largest, self.fill = flag(keep_largest, "keep_largest_component"), flag(fill_holes, "fill_holes")
 
     def process(self, index: np.ndarray) -> np.ndarray:
         """Clean one 2D class-index map."""

@@ -9,6 +9,8 @@ from typing import Any, TextIO
 
 from ignite.engine import Engine, Events
 
+from monai_unet_bundle import optional
+
 __all__ = ["TrainingProgress", "loss_value"]
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,9 @@ class TrainingProgress:
     """Show training progress in the form that suits where the output goes.
 
     On a terminal, a tqdm progress bar per epoch with the running loss; otherwise (CI logs,
-    files) one log line every ``lines_per_epoch``-th part of an epoch and one at its end, so logs
-    stay short and readable.
+    files), or when tqdm is not installed (one warning, see :mod:`monai_unet_bundle.optional`),
+    one log line every ``lines_per_epoch``-th part of an epoch and one at its end, so logs stay
+    short and readable.
 
     Args:
         lines_per_epoch: log lines per epoch when not on a terminal.
@@ -40,8 +43,10 @@ class TrainingProgress:
         self._loss_sum, self._count = 0.0, 0
 
     def attach(self, engine: Engine) -> None:
-        """Attach a progress bar (terminal) or periodic log lines (otherwise)."""
-        if self.stream.isatty():
+        """Attach a progress bar (terminal, tqdm installed) or periodic log lines (otherwise)."""
+        # checked on every stream: without tqdm MONAI's caching bar is gone too, which the warning says
+        has_tqdm = optional.available("tqdm")
+        if has_tqdm and self.stream.isatty():
             from ignite.handlers import ProgressBar
 
             ProgressBar(persist=False).attach(engine, output_transform=lambda out: {"loss": loss_value(out)})

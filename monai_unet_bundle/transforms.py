@@ -4,8 +4,9 @@
   ``in_channels`` (1 or 3), so a folder that mixes them trains.
 * :class:`ReloadLabeld` reads a mask again from its file at the original size, so evaluation scores
   predictions mapped back to the original size against the untouched ground truth.
-* :class:`MaskToIndexd` turns a mask into a one-channel class-index map (0..num_classes-1), accepting
-  binary masks saved 0/1 or 0/255 and refusing values that map to no class, naming the file.
+* :class:`MaskToIndex` turns a mask into a one-channel class-index map (0..num_classes-1), accepting
+  binary masks saved 0/1 or 0/255 and refusing values that map to no class, naming the file;
+  :class:`MaskToIndexd` is its dictionary wrapper, as MONAI pairs array and dictionary transforms.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, Transform
 
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import Image2DReader, Nifti2DReader
+from monai_unet_bundle.settings import flag
 
 __all__ = [
     "EnsureChannelsd",
+    "MaskToIndex",
     "MaskToIndexd",
     "ReloadLabeld",
     "channel_conversion_note",
@@ -178,7 +181,7 @@ def _check_thresholds(thresholds: Sequence[float] | None, num_classes: int) -> n
     return arr
 
 
-class MaskToIndexd(MapTransform):
+class MaskToIndex(Transform):
     """Turn masks into one-channel class-index maps with values ``0..num_classes-1``.
 
     Encodings, chosen by the arguments:
@@ -194,12 +197,10 @@ class MaskToIndexd(MapTransform):
     every value is snapped to the nearest valid one (nearest palette colour, nearest index).
 
     Args:
-        keys: keys of the masks.
         num_classes: classes including background.
         palette: optional ``num_classes`` RGB colours.
         thresholds: optional ``num_classes - 1`` grayscale cut points.
         allow_lossy: accept JPEG masks and snap their values.
-        allow_missing_keys: don't raise when a key is absent.
 
     Raises:
         BundleInputError: for bad settings, and naming the file and the offending values when a
@@ -208,14 +209,11 @@ class MaskToIndexd(MapTransform):
 
     def __init__(
         self,
-        keys: KeysCollection,
         num_classes: int,
         palette: Sequence[Sequence[int]] | None = None,
         thresholds: Sequence[float] | None = None,
         allow_lossy: bool = False,
-        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise BundleInputError(f"num_classes must be an integer of at least 2 (2 = binary), got {num_classes!r}.")
         if palette is not None and thresholds is not None:
@@ -223,7 +221,7 @@ class MaskToIndexd(MapTransform):
         self.num_classes = num_classes
         self.palette = _check_palette(palette, num_classes)
         self.thresholds = _check_thresholds(thresholds, num_classes)
-        self.allow_lossy = bool(allow_lossy)
+        self.allow_lossy = flag(allow_lossy, "allow_lossy_masks")
 
     def _refuse(self, name: str, bad: Sequence, expected: str) -> None:
         shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
@@ -254,8 +252,8 @@ class MaskToIndexd(MapTransform):
             mask = mask[:1]
         return mask
 
-    def convert(self, mask: torch.Tensor) -> torch.Tensor:
-        """Convert one channel-first mask."""
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        """Convert one channel-first mask (a ``MetaTensor`` keeps its metadata)."""
         name = source_name(mask)
         lossy = name.lower().endswith(_LOSSY_SUFFIXES)
         if lossy and not self.allow_lossy:
@@ -286,10 +284,56 @@ class MaskToIndexd(MapTransform):
             self._refuse(name, bad, "0/1 or 0/255" if self.num_classes == 2 else f"0..{self.num_classes - 1}")
         return mask / 255 if binary_255 else mask
 
+
+class MaskToIndexd(MapTransform):
+    """Dictionary wrapper of :class:`MaskToIndex`: convert the masks under ``keys``.
+
+    Args:
+        keys: keys of the masks.
+        num_classes, palette, thresholds, allow_lossy: as for :class:`MaskToIndex`.
+        allow_missing_keys: don't raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_classes: int,
+        palette: Sequence[Sequence[int]] | None = None,
+        thresholds: Sequence[float] | None = None,
+        allow_lossy: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = MaskToIndex(num_classes, palette, thresholds, allow_lossy)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return self.converter.num_classes
+
+    @property
+    def palette(self) -> np.ndarray | None:
+        """The checked ``(num_classes, 3)`` colours, if masks are colour-coded."""
+        return self.converter.palette
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """The checked grayscale cut points, if masks are binned."""
+        return self.converter.thresholds
+
+    @property
+    def allow_lossy(self) -> bool:
+        """Whether JPEG masks are accepted and snapped."""
+        return self.converter.allow_lossy
+
+    def convert(self, mask: torch.Tensor) -> torch.Tensor:
+        """Convert one channel-first mask (see :class:`MaskToIndex`)."""
+        return self.converter(mask)
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.convert(d[key])
+            d[key] = self.converter(d[key])
         return d
 
 

@@ -15,6 +15,11 @@ the version from ``configs/metadata.json``, the layout ``monai.bundle download``
 
 Without ``--weights`` or ``--no_weights`` the repository's ``models/model.pt`` is shipped when it exists.
 
+:func:`bundle_requirements` lists what installing the bundle the model zoo's way puts in an
+environment (``monai``, ``torch`` and ``numpy`` at the metadata's versions plus every
+``required_packages_version`` entry, pinned); ``scripts/test_monailabel.sh`` installs exactly
+that, so the MONAI Label tests run on what the metadata declares and nothing more.
+
 MONAI Label infers the task from the folder name, so NAME must contain ``segmentation``.  An
 existing non-empty output folder (or zip) is never overwritten unless ``--force`` is given.
 """
@@ -67,6 +72,39 @@ def bundle_version(source: Path = REPO) -> str:
     if not version:
         raise PackagingError(f"{meta_file} has no 'version': add one such as \"0.1.0\".")
     return str(version)
+
+
+def bundle_requirements(source: Path = REPO) -> list[str]:
+    """The pip requirements the model zoo derives from ``source/configs/metadata.json``.
+
+    ``monai==monai_version``, ``torch==pytorch_version``, ``numpy==numpy_version``, then each
+    ``required_packages_version`` entry as ``name==version`` (a version that starts with an
+    operator such as ``>=`` is kept as written), as the model zoo's CI does.  The packages in
+    ``extra_packages_version`` only add outputs and are not listed.
+
+    Raises:
+        PackagingError: when the file is missing or not JSON, or ``required_packages_version`` is
+            not a mapping of names to versions.
+    """
+    meta_file = source / "configs" / "metadata.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackagingError(f"cannot read the package versions from {meta_file} ({exc}).") from None
+    pins = [("monai", meta.get("monai_version")), ("torch", meta.get("pytorch_version")), ("numpy", meta.get("numpy_version"))]
+    required = meta.get("required_packages_version", {})
+    if not isinstance(required, dict):
+        raise PackagingError(f"{meta_file}: required_packages_version must map package names to versions.")
+    lines = []
+    for name, version in [*pins, *required.items()]:
+        if version is None:
+            continue
+        version = str(version).strip()
+        if not version:
+            lines.append(name)
+        else:
+            lines.append(f"{name}{version}" if version[0] in "<>=!~" else f"{name}=={version}")
+    return lines
 
 
 def check_weights(weights: Path) -> None:

@@ -34,9 +34,14 @@ def write_pairs(root: Path, n: int = 6, size: tuple[int, int] = (40, 52), seed: 
     return root
 
 
-def run_bundle(*args: str, cwd: Path = REPO, expect_rc: int | None = 0) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run <args>`` in a real subprocess and check its exit status."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+def run_bundle(
+    *args: str, cwd: Path = REPO, expect_rc: int | None = 0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run <args>`` in a real subprocess and check its exit status.
+
+    ``env`` adds or replaces environment variables of the subprocess.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

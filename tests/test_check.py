@@ -11,16 +11,18 @@ import pytest
 from PIL import Image
 
 from monai_unet_bundle.check import checked_datalists
+from monai_unet_bundle.data import DataSource
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.transforms import MaskToIndexd
 from tests.conftest import TINY, config, run_bundle, write_pairs
 
 
 def _check(dataset: Path, tmp_path: Path, **kw):
-    args = dict(datalist=None, val_fraction=0.25, seed=0, mask_suffix="", val_dataset_dir=None, num_classes=2,
-                spatial_size=[32, 32], report_path=tmp_path / "report.json")
+    source = {k: kw.pop(k) for k in ("datalist", "val_fraction", "seed", "mask_suffix", "val_dataset_dir") if k in kw}
+    source.setdefault("val_fraction", 0.25)
+    args = dict(num_classes=2, spatial_size=[32, 32], report_path=tmp_path / "report.json")
     args.update(kw)
-    return checked_datalists(dataset, **args)
+    return checked_datalists(source=DataSource(dataset, **source), **args)
 
 
 def _broken_dataset(root: Path) -> Path:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from monai_unet_bundle.data import (
+    DataSource,
     build_datalists,
     evaluation_items,
     file_stem,
@@ -52,7 +53,7 @@ def test_missing_mask_is_named(tmp_path):
     _touch_png(tmp_path / "masks" / "z.png")
     assert find_pairs(tmp_path)[1:] == (["images/b.png"], ["masks/z.png"])
     with pytest.raises(BundleInputError, match=r"1 image\(s\).*no mask.*images/b.png"):
-        build_datalists(tmp_path)
+        build_datalists(DataSource(tmp_path))
 
 
 def test_missing_masks_folder_is_named(tmp_path):
@@ -90,7 +91,7 @@ def test_datalist_paths_are_relative_to_dataset_dir(tmp_path):
         "test": [{"image": "img/c.png", "label": "lab/c.png"}],
     }
     (tmp_path / "list.json").write_text(json.dumps(spec))
-    lists = build_datalists(tmp_path, tmp_path / "list.json")
+    lists = build_datalists(DataSource(tmp_path, tmp_path / "list.json"))
     assert lists["validation"] == [{"image": str(tmp_path / "img/c.png"), "label": str(tmp_path / "lab/c.png")}]
     assert len(lists["training"]) == 2 and len(lists["test"]) == 1
 
@@ -100,24 +101,24 @@ def test_datalist_without_validation_is_split(tmp_path):
     for name in "abcde":
         items.append({"image": str(_touch_png(tmp_path / f"{name}.png")), "label": str(_touch_png(tmp_path / f"{name}_m.png"))})
     (tmp_path / "list.json").write_text(json.dumps({"training": items}))
-    lists = build_datalists(tmp_path, tmp_path / "list.json", val_fraction=0.4)
+    lists = build_datalists(DataSource(tmp_path, tmp_path / "list.json", val_fraction=0.4))
     assert len(lists["validation"]) == 2 and len(lists["training"]) == 3
 
 
 def test_datalist_errors_name_the_file(tmp_path):
     with pytest.raises(BundleInputError, match="does not exist"):
-        build_datalists(tmp_path, tmp_path / "missing.json")
+        build_datalists(DataSource(tmp_path, tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(BundleInputError, match="bad.json.*not valid JSON"):
-        build_datalists(tmp_path, tmp_path / "bad.json")
+        build_datalists(DataSource(tmp_path, tmp_path / "bad.json"))
     (tmp_path / "gone.json").write_text(json.dumps({"training": [{"image": "x.png", "label": "y.png"}]}))
     with pytest.raises(BundleInputError, match="x.png.*does not exist"):
-        build_datalists(tmp_path, tmp_path / "gone.json")
+        build_datalists(DataSource(tmp_path, tmp_path / "gone.json"))
 
 
 def test_missing_dataset_dir(tmp_path):
     with pytest.raises(BundleInputError, match="dataset_dir .* does not exist"):
-        build_datalists(tmp_path / "nope")
+        build_datalists(DataSource(tmp_path / "nope"))
 
 
 def test_list_images_skips_unreadable_files(tmp_path, caplog):
@@ -180,7 +181,7 @@ def test_inference_lists_need_only_an_image_column(tmp_path):
         scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "bad.json"))
     (tmp_path / "lists" / "nolabel.csv").write_text("image\na.png\n")
     with pytest.raises(BundleInputError, match="needs a header row with 'image' and 'label' columns"):
-        build_datalists(tmp_path, tmp_path / "lists" / "nolabel.csv")
+        build_datalists(DataSource(tmp_path, tmp_path / "lists" / "nolabel.csv"))
     with pytest.raises(BundleInputError, match="does not exist"):
         scan_inputs(tmp_path / "in", tmp_path / "out", str(tmp_path / "lists" / "missing.csv"))
 

@@ -155,3 +155,25 @@ def test_package_is_importable_from_the_packaged_folder(tmp_path: Path) -> None:
         [sys.executable, "-c", _IMPORT_CHECK, str(REPO)], cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True
     )
     assert control.returncode != 0 and "No module named 'monai_unet_bundle'" in control.stderr
+
+
+def test_requirements_are_exactly_what_the_metadata_declares(tmp_path: Path) -> None:
+    """What the model zoo installs (and scripts/test_monailabel.sh too): the core pins plus required_packages_version."""
+    meta = json.loads((REPO / "configs" / "metadata.json").read_text())
+    expected = [f"monai=={meta['monai_version']}", f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"]
+    expected += [f"{name}=={version}" for name, version in meta["required_packages_version"].items()]
+    assert package_bundle.bundle_requirements() == expected
+    assert not {r.split("==")[0] for r in expected} & set(meta.get("extra_packages_version", {}))
+    printed = subprocess.run(
+        ["bash", str(REPO / "scripts" / "test_monailabel.sh"), "--print-requirements"], capture_output=True, text=True, timeout=60
+    )
+    assert printed.returncode == 0 and printed.stdout.split() == expected, printed.stderr
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "metadata.json").write_text(
+        json.dumps({"monai_version": "1.6.1", "required_packages_version": {"scipy": ">=1.10", "fire": " 0.7.1 "}})
+    )
+    assert package_bundle.bundle_requirements(tmp_path) == ["monai==1.6.1", "scipy>=1.10", "fire==0.7.1"]
+    (tmp_path / "configs" / "metadata.json").write_text(json.dumps({"required_packages_version": ["scipy"]}))
+    with pytest.raises(package_bundle.PackagingError, match="must map package names to versions"):
+        package_bundle.bundle_requirements(tmp_path)

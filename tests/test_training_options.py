@@ -1,0 +1,87 @@
+"""Documented training and data settings, each run through ``python -m monai.bundle run`` and checked in the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import config, run_bundle, write_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def test_training_knobs_change_what_training_writes(tmp_path: Path):
+    data = write_pairs(tmp_path / "data", n=8, size=(36, 44))
+    proc = run_bundle(
+        "--config_file", config("train.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data),
+        "--spatial_size", "[32,32]", "--batch_size", "2", "--num_workers", "0", "--max_epochs", "4",
+        "--architecture", "unet", "--base_features", "8", "--activation", "relu", "--learning_rate", "0.004",
+        "--lr_schedule", "step", "--val_interval", "2", "--num_previews", "2", "--cache", "disk", "--amp", "true",
+        "--deterministic", "true", "--seed", "3", "--val_fraction", "0.25", "--early_stop_patience", "0",
+        "--loss_name", "focal", "--class_weights", "[0.5,2.0]", "--channels_last", "false", "--fast_allocator", "false",
+        env={"PYTHONWARNINGS": "default"},  # the amp warning is a Python warning
+    )
+    log = proc.stdout + proc.stderr
+    assert "data check: 6 training, 2 validation pairs" in log  # val_fraction 0.25 of 8
+    assert "seed 3, deterministic algorithms on" in log
+    assert "amp=true has no effect on the CPU" in log
+    assert "class weights" in log.lower() and "0.5" in log
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    first = next(v for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+    assert first.shape[0] == 8 and any(k.startswith("model.") for k in state)  # MONAI's strided UNet, 8 base features
+    rows = list(csv.DictReader((tmp_path / "logs" / "curves.csv").open()))
+    assert [int(float(r["epoch"])) for r in rows] == [2, 4]  # validated every 2 epochs
+    lrs = [float(r["learning_rate"]) for r in rows]
+    assert lrs[1] == pytest.approx(lrs[0] / 4) and lrs[0] < 0.004  # halved every epoch (step, 4 epochs)
+    previews = sorted(p.name for p in (tmp_path / "logs" / "previews").glob("*.png"))
+    assert previews == ["epoch_0002.png", "epoch_0004.png"]
+    strip = Image.open(tmp_path / "logs" / "previews" / "epoch_0004.png")
+    assert strip.height > strip.width / 3 * 1.5  # two image rows (image | truth | prediction each)
+    assert any((tmp_path / "cache" / "persistent" / "train").iterdir())  # disk cache
+
+
+def test_mask_encodings_are_read_as_documented(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    palette = [[0, 0, 0], [200, 30, 30], [30, 200, 30]]
+    expected = np.zeros(3, np.int64)
+    for i in range(4):
+        index = np.zeros((30, 40), np.int64)
+        index[5:15, 5:20], index[18:28, 22:38] = 1, 2
+        index = np.roll(index, i, axis=1)
+        expected += np.bincount(index.ravel(), minlength=3)
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(data / "images" / f"c{i}.png")
+        Image.fromarray(np.asarray(palette, np.uint8)[index]).save(data / "masks" / f"c{i}_seg.jpg", quality=92)
+
+    def check(*args: str, rc: int = 0):
+        return run_bundle("check_data", "--config_file", config("train.json"), "--bundle_root", str(tmp_path),
+                          "--dataset_dir", str(data), "--spatial_size", "[32,32]", "--num_classes", "3", *args, expect_rc=rc)
+
+    # JPEG colour masks: refused unless lossy masks are allowed, then snapped to the nearest palette colour
+    proc = check("--mask_suffix", "_seg", "--mask_palette", json.dumps(palette), rc=2)
+    assert "is a JPEG" in proc.stderr and "--allow_lossy_masks true" in proc.stderr
+    check("--mask_suffix", "_seg", "--mask_palette", json.dumps(palette), "--allow_lossy_masks", "true")
+    report = json.loads((tmp_path / "logs" / "data_check.json").read_text())
+    freq = np.array(list(report["class_pixel_frequency"].values()))
+    assert np.allclose(freq, expected / expected.sum(), atol=0.02)
+
+    # grayscale bins: below 50 is class 0, 50 up to 150 class 1, 150 and above class 2
+    for mask in (data / "masks").glob("*.jpg"):
+        mask.unlink()
+    gray = np.zeros((30, 40), np.uint8)
+    gray[:, 10:20], gray[:, 20:] = 100, 220
+    for i in range(4):
+        Image.fromarray(gray).save(data / "masks" / f"c{i}.png")
+    check("--mask_thresholds", "[50,150]")
+    report = json.loads((tmp_path / "logs" / "data_check.json").read_text())
+    assert list(report["class_pixel_frequency"].values()) == pytest.approx([0.25, 0.25, 0.5])
+    proc = check(rc=2)  # without the thresholds those values are no class indices
+    assert "holds values 100, 220 that map to no class" in proc.stderr
