@@ -1,14 +1,14 @@
 """monai-unet-bundle: the Python package behind the bundle's configs.
 
-Importing it (every config does, through its ``imports`` list) makes input errors print as one
-sentence with exit status 2 instead of a traceback; see :mod:`monai_unet_bundle.errors`.
+Every workflow's first step, :func:`monai_unet_bundle.settings.check_settings`, checks the
+settings and installs the hook that prints input errors as one line each with exit status 2
+instead of a traceback (see :mod:`monai_unet_bundle.errors`); importing the package changes nothing.
 """
 
 from __future__ import annotations
 
-from monai_unet_bundle.errors import BundleInputError, install_excepthook
+from monai_unet_bundle.errors import BundleInputError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["BundleInputError", "__version__"]
 
-install_excepthook()

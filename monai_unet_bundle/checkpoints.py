@@ -36,6 +36,7 @@ from ignite.engine import Engine, Events
 
 from monai_unet_bundle.atomic import atomic_save, remove_leftovers
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import auto_flag
 
 __all__ = [
     "BestModelSaver",
@@ -391,9 +392,7 @@ class ResumeCheckpoint:
     """
 
     def __init__(self, path: str | Path, objects: Mapping[str, Any], resume: bool | str = "auto") -> None:
-        normalised = str(resume).strip().lower()
-        if normalised not in ("auto", "true", "false"):
-            raise BundleInputError(f"resume must be auto, true or false, got {resume!r}.")
+        normalised = auto_flag(resume, "resume")
         self.path = Path(path)
         self.objects = dict(objects)
         self.resume = normalised

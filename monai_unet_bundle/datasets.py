@@ -21,6 +21,7 @@ from pathlib import Path
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.optional import available
 
 __all__ = ["CACHE_MODES", "available_memory_bytes", "choose_cache", "loader_workers", "make_dataset"]
 
@@ -95,6 +96,7 @@ def make_dataset(
     """Build the data set for ``data`` with the caching chosen by ``cache`` (see the module docstring)."""
     mode = choose_cache(cache, len(data), spatial_size, in_channels)
     if mode == "memory":
+        available("tqdm")  # our one warning when it is missing (MONAI's own about the caching bar is silenced)
         return CacheDataset(data=data, transform=transform, cache_rate=1.0, num_workers=num_workers or None)
     if mode == "disk":
         Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ class InferenceOutputs:
         scan: the :class:`~monai_unet_bundle.data.InputScan` of the run (for skipped files and paths).
         overlays: write ``overlays/<stem>.png`` (image with the mask drawn over it).
         colour_masks: write ``colour/<stem>.png`` (each class in its colour).
-        probabilities: write ``probabilities/<stem>_<class>.png`` (probability x 255) from the ``prob`` key.
+        probabilities: write ``probabilities/<stem>_<class>.png`` (probability x 255) from the ``prob`` key;
+            characters other than letters, digits, ``.``, ``+`` and ``-`` in class names become ``_``.
         rle_csv: path of a Kaggle ``img,rle_mask`` CSV of the foreground, or ``None``; an absolute
             path is used as given, a relative one is taken relative to ``output_dir``.
         rle_order: ``row`` or ``column`` pixel order of the RLE.
@@ -110,6 +112,8 @@ class InferenceOutputs:
         self.rle_order = rle_order
         _order(rle_order)  # validate early
         self.class_names = class_names or [f"class_{i}" for i in range(num_classes)]
+        # class names as they appear in file names: no path separators or other characters file systems refuse
+        self.file_class_names = [re.sub(r"[^\w.+-]+", "_", str(n)).strip("._") or f"class_{i}" for i, n in enumerate(self.class_names)]
         self.rows: list[tuple[str, str]] = []
         self.written: list[dict[str, Any]] = []
         self._start = 0.0
@@ -144,7 +148,7 @@ class InferenceOutputs:
             if self.overlays:
                 files.append(self.output_dir / "overlays" / (name + ".png"))
             if self.probabilities:
-                files += [self.output_dir / "probabilities" / f"{name}_{c}.png" for c in self.class_names[1:]]
+                files += [self.output_dir / "probabilities" / f"{name}_{c}.png" for c in self.file_class_names[1:]]
         return files
 
     def _protect_existing_files(self) -> None:
@@ -229,7 +233,7 @@ class InferenceOutputs:
                 record["probabilities"] = [
                     self._save_png(
                         (np.clip(_hw(prob[c], path), 0, 1) * 255).round().astype(np.uint8),
-                        Path("probabilities") / self._relative(path, f"_{self.class_names[c]}.png"),
+                        Path("probabilities") / self._relative(path, f"_{self.file_class_names[c]}.png"),
                     )
                     for c in range(1, prob.shape[0])
                 ]

@@ -11,7 +11,7 @@ import warnings
 import torch
 from monai.utils import set_determinism
 
-from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import auto_flag, flag
 
 __all__ = ["configure_determinism", "in_channels_last", "place_network", "resolve_amp", "tune_allocator", "use_channels_last"]
 
@@ -22,20 +22,13 @@ _M_MMAP_MAX = -4
 logger = logging.getLogger(__name__)
 
 
-def _as_choice(value: bool | str, setting: str) -> str:
-    text = str(value).strip().lower()
-    if text not in ("auto", "true", "false"):
-        raise BundleInputError(f"{setting} must be auto, true or false, got {value!r}.")
-    return text
-
-
 def resolve_amp(amp: bool | str, device: str | torch.device) -> bool:
     """Whether to train with mixed precision: ``auto`` means on CUDA only.
 
     Asking for it on a CPU gives a warning and full precision (CPU autocast to bfloat16 is slower
     than float32 for these convolutions on common CPUs).
     """
-    choice = _as_choice(amp, "amp")
+    choice = auto_flag(amp, "amp")
     on_cuda = torch.device(device).type == "cuda"
     if choice == "true" and not on_cuda:
         warnings.warn("amp=true has no effect on the CPU: training in full precision.", stacklevel=2)
@@ -51,7 +44,7 @@ def use_channels_last(channels_last: bool | str, device: str | torch.device) -> 
     and 512 px, with the same results up to float rounding.  It was not measured on a GPU, so
     ``auto`` leaves CUDA in the default layout; ``true`` turns it on anywhere.
     """
-    choice = _as_choice(channels_last, "channels_last")
+    choice = auto_flag(channels_last, "channels_last")
     return choice == "true" or (choice == "auto" and torch.device(device).type == "cpu")
 
 
@@ -92,7 +85,7 @@ def tune_allocator(fast_allocator: bool | str = "auto", device: str | torch.devi
     CUDA's own caching allocator, so nothing is changed.  It affects the whole process and is
     never undone.  Returns whether the allocator was tuned.
     """
-    choice = _as_choice(fast_allocator, "fast_allocator")
+    choice = auto_flag(fast_allocator, "fast_allocator")
     if choice == "false" or (choice == "auto" and torch.device(device).type != "cpu"):
         return False
     if not sys.platform.startswith("linux"):
@@ -113,7 +106,7 @@ def configure_determinism(seed: int, deterministic: bool | str = False) -> None:
     Deterministic mode makes repeated runs on the same hardware give the same numbers, at some
     cost in speed (and ``cudnn.benchmark`` off).
     """
-    strict = _as_choice(deterministic, "deterministic") == "true"
+    strict = flag(deterministic, "deterministic")
     set_determinism(seed=int(seed), use_deterministic_algorithms=strict)
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = not strict

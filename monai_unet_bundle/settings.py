@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.errors import BundleInputError, install_excepthook
 
-__all__ = ["SETTINGS", "check_settings", "flag"]
+__all__ = ["SETTINGS", "auto_flag", "check_settings", "flag"]
 
 _TRUE, _FALSE = ("true",), ("false",)
 
@@ -47,6 +47,18 @@ def flag(value: Any, name: str) -> bool:
     if text in _FALSE:
         return False
     raise BundleInputError(f"{name} must be true or false, got {value!r}: pass --{name} true or --{name} false.")
+
+
+def auto_flag(value: Any, name: str) -> str:
+    """Read a setting that is ``auto``, ``true`` or ``false`` (any case, or a boolean) as one of those words.
+
+    Raises:
+        BundleInputError: for anything else, naming the setting.
+    """
+    text = str(value).strip().lower() if isinstance(value, (bool, str)) else None
+    if text not in ("auto", "true", "false"):
+        raise BundleInputError(f"{name} must be auto, true or false, got {value!r}: pass --{name} auto, true or false.")
+    return text
 
 
 def _is_int(value: Any) -> bool:
@@ -236,6 +248,9 @@ SETTINGS: dict[str, Check] = {
 def check_settings(**values: Any) -> dict[str, Any]:
     """Check every given setting; raise one error naming each bad one.
 
+    It also installs the command line's error hook (:func:`~monai_unet_bundle.errors.install_excepthook`),
+    as the first step of every workflow.
+
     Args:
         values: setting name -> value, as the workflow resolved it (only known names are checked;
             e.g. ``mask_palette`` and ``mask_thresholds`` are checked against the masks by
@@ -252,6 +267,7 @@ def check_settings(**values: Any) -> dict[str, Any]:
         >>> check_settings(tta="False", batch_size=4)["tta"]
         False
     """
+    install_excepthook()
     problems = []
     checked = dict(values)
     for name, value in values.items():
@@ -267,6 +283,20 @@ def check_settings(**values: Any) -> dict[str, Any]:
             problems.append(f"{name} is {value!r}, but it must be {expected}: pass --{name} with such a value.")
         elif check is _boolean:
             checked[name] = flag(value, name)
+    problems += _cross_checks(values, problems)
     if problems:
         raise BundleInputError("\n".join(problems))
     return checked
+
+
+def _cross_checks(values: Mapping[str, Any], problems: Sequence[str]) -> list[str]:
+    """Problems of settings that are each fine alone but not together."""
+    found = []
+    bad = {p.split(" ", 1)[0] for p in problems}
+    interval, epochs = values.get("val_interval"), values.get("max_epochs")
+    if _is_int(interval) and _is_int(epochs) and not {"val_interval", "max_epochs"} & bad and interval > epochs:
+        found.append(
+            f"val_interval {interval} is larger than max_epochs {epochs}, so training would never validate and never "
+            f"save a model: pass --val_interval {epochs} or less."
+        )
+    return found

@@ -58,7 +58,8 @@ def test_masks_lie_over_their_inputs_at_the_original_size(tmp_path: Path):
         spatial_size=[64, 64],
         num_workers=0,
         network_def=ThresholdNet(),
-        handlers=[],
+        handlers=[],  # no model file to load: the stand-in network is used as it is
+        model_check=None,
     )
     workflow.initialize()
     assert workflow.check_properties() == []

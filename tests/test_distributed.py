@@ -86,48 +86,54 @@ def _check_rank0_only(handlers: list) -> None:
         if not isinstance(h, dict):
             continue  # a reference such as "@validate#best_model": our own handlers check the rank
         if h.get("_target_") in RANK0_ONLY:
-            assert h.get("_disabled_") == NOT_MAIN, f"{h['_target_']} would log/write on every rank"
+            assert h.get("_disabled_") == "@is_not_rank0", f"{h['_target_']} would log/write on every rank"
         else:
-            assert "_disabled_" not in h, f"{h.get('_target_')} is disabled on ranks > 0 (a mixin index points at the wrong handler)"
+            assert "_disabled_" not in h, f"{h.get('_target_')} is disabled on ranks > 0"
+
+
+def _no_list_positions(mixin: dict) -> None:
+    """Mixins override by id, never by list position (``handlers#3``), and extend lists with ``+``."""
+    for key in mixin:
+        assert not any(part.isdigit() for part in key.split("#")), f"{key} reaches into a list by position"
+    assert "initialize" not in mixin and "imports" not in mixin, "lists are extended with +initialize / +imports"
 
 
 def test_multi_gpu_train_mixin_structure():
     train, mixin, merged = _load("train.json"), _load("multi_gpu_train.json"), _merged("train.json", "multi_gpu_train.json")
+    _no_list_positions(mixin)
+    assert train["is_not_rank0"] is False and merged["is_not_rank0"] == NOT_MAIN
     assert merged["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
-    assert "@network_def" in merged["network"]["module"]
-    assert merged["train"]["sampler"]["_target_"] == "monai.data.DistributedSampler"
-    assert merged["train"]["sampler"]["shuffle"] is True and merged["train"]["dataloader"]["shuffle"] is False
+    assert merged["network"]["module"]["network"] == "@network_def"
+    assert merged["train"]["sampler"]["_target_"] == "monai.data.DistributedSampler" and train["train"]["sampler"] is None
+    assert merged["train"]["sampler"]["shuffle"] is True and merged["train"]["dataloader"]["shuffle"] == "$@train#sampler is None"
     assert merged["train"]["dataloader"]["sampler"] == "@train#sampler"
     assert merged["train"]["dataloader"]["drop_last"] == "$len(@train#sampler) > @batch_size"  # per-rank length
     assert merged["validate"]["dataloader"]["sampler"] == "@validate#sampler"
-    assert "evaluation_sampler" in merged["validate"]["sampler"]
+    assert merged["validate"]["sampler"]["_target_"].endswith("evaluation_sampler")
     assert "local_device()" in merged["device"]
     _check_rank0_only(merged["train"]["handlers"])
     _check_rank0_only(merged["validate"]["handlers"])
     resume = [h for h in merged["train"]["handlers"] if isinstance(h, dict) and h.get("_target_", "").endswith("ResumeCheckpoint")]
     assert len(resume) == 1 and resume[0]["objects"]["network"] == "@network_def"  # resume.pt without "module."
-    # the process group first, then exactly what train.json initializes (lists are replaced, not merged)
-    init = mixin["initialize"]
-    assert init[0] == "$import monai_unet_bundle.distributed"
-    assert "init_process_group(backend=monai_unet_bundle.distributed.backend_for(@device)" in init[1]
-    assert init[2:] == train["initialize"], "multi_gpu_train.json#initialize no longer repeats train.json#initialize"
+    # train.json's steps, then the process group
+    assert merged["initialize"] == [*train["initialize"], "$@process_group"]
+    assert merged["process_group"]["_target_"] == "monai_unet_bundle.distributed.init_process_group"
     assert merged["finalize"] == ["$monai_unet_bundle.distributed.destroy_process_group()"]
 
 
 def test_multi_gpu_evaluate_mixin_structure():
     evaluate, mixin = _load("evaluate.json"), _load("multi_gpu_evaluate.json")
+    _no_list_positions(mixin)
+    _no_list_positions(evaluate)
     merged = _merged("train.json", "evaluate.json", "multi_gpu_evaluate.json")
     handlers = merged["validate"]["handlers"]
-    targets = [h.get("_target_") for h in handlers if isinstance(h, dict)]
-    assert "monai_unet_bundle.distributed.DistributedSegmentationReport" in targets
-    assert "monai_unet_bundle.metrics.SegmentationReport" not in targets
-    report = next(h for h in handlers if h.get("_target_", "").endswith("DistributedSegmentationReport"))
-    assert report["sampler"] == "@validate#sampler"
+    assert "@validate#report" in handlers and "@validate#model_loader" in handlers
+    assert merged["validate"]["report"]["_target_"] == "monai_unet_bundle.distributed.DistributedSegmentationReport"
+    assert merged["validate"]["report"]["sampler"] == "@validate#sampler"
+    assert _merged("train.json", "evaluate.json")["validate"]["report"]["_target_"] == "monai_unet_bundle.metrics.SegmentationReport"
     _check_rank0_only(handlers)
     assert merged["network"] == _load("train.json")["network"], "evaluation needs no DistributedDataParallel"
-    init = mixin["initialize"]
-    assert "init_process_group(backend=monai_unet_bundle.distributed.backend_for(@device)" in init[1]
-    assert init[2:] == evaluate["initialize"], "multi_gpu_evaluate.json#initialize no longer repeats evaluate.json#initialize"
+    assert merged["initialize"][-1] == "$@process_group" and merged["initialize"][0] == "$@settings"
     assert merged["finalize"] == ["$monai_unet_bundle.distributed.destroy_process_group()"]
 
 

@@ -30,7 +30,8 @@ def test_one_line_extracts_sentence_from_worker_traceback():
 
 def test_uncaught_input_error_prints_one_line_and_exits_2():
     code = (
-        "import monai_unet_bundle\n"
+        "from monai_unet_bundle.settings import check_settings\n"
+        "check_settings()  # the first step of every workflow installs the hook\n"
         "from monai_unet_bundle.errors import BundleInputError\n"
         "try:\n    raise BundleInputError('setting x is wrong: use y.')\n"
         "except BundleInputError as e:\n    raise RuntimeError('wrapped') from e\n"
@@ -41,6 +42,28 @@ def test_uncaught_input_error_prints_one_line_and_exits_2():
 
 
 def test_other_errors_keep_their_traceback():
-    proc = subprocess.run([sys.executable, "-c", "import monai_unet_bundle\nraise KeyError('k')"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from monai_unet_bundle.settings import check_settings\ncheck_settings()\nraise KeyError('k')"],
+        capture_output=True, text=True,
+    )
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "KeyError" in proc.stderr
+
+
+def test_importing_the_package_installs_nothing():
+    code = "import sys\nhook = sys.excepthook\nimport monai_unet_bundle, monai_unet_bundle.data\nprint(sys.excepthook is hook)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "True"
+
+
+def test_several_problems_print_one_error_line_each():
+    code = (
+        "from monai_unet_bundle.settings import check_settings\n"
+        "check_settings(batch_size=0, tta='maybe')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == EXIT_CODE
+    assert proc.stderr.splitlines() == [
+        "error: batch_size is 0, but it must be a whole number of at least 1: pass --batch_size with such a value.",
+        "error: tta is 'maybe', but it must be true or false: pass --tta with such a value.",
+    ]

@@ -116,3 +116,12 @@ def test_bad_settings_on_the_command_line_end_in_one_line_each_and_exit_2(tmp_pa
         "error: max_epochs is 0, but it must be a whole number of at least 1: pass --max_epochs with such a value.",
     ]
     assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
+
+
+def test_settings_that_cannot_work_together_are_refused():
+    with pytest.raises(BundleInputError, match=r"^val_interval 5 is larger than max_epochs 2, .*: pass --val_interval 2 or less\.$"):
+        check_settings(val_interval=5, max_epochs=2)
+    check_settings(val_interval=2, max_epochs=2)
+    with pytest.raises(BundleInputError) as info:  # a bad value alone is reported once, not again as a clash
+        check_settings(val_interval="x", max_epochs=2)
+    assert len(str(info.value).splitlines()) == 1
