@@ -14,7 +14,9 @@ import torch
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["ACTIVATIONS", "NETWORKS", "TOTAL_STRIDE", "activation", "build_network", "check_spatial_size", "unet_features"]
+__all__ = [
+    "ACTIVATIONS", "NETWORKS", "TOTAL_STRIDE", "activation", "build_network", "check_dropout", "check_spatial_size", "unet_features",
+]
 
 #: ``architecture`` setting -> what it builds
 NETWORKS = {
@@ -86,12 +88,24 @@ def check_spatial_size(spatial_size: Sequence[int], stride: int = TOTAL_STRIDE) 
     return size
 
 
+def check_dropout(dropout: float) -> float:
+    """Check that ``dropout`` is a probability in [0, 1) and return it as a float.
+
+    Raises:
+        BundleInputError: for anything else (a string, a boolean, 1 or more, a negative number).
+    """
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise BundleInputError(f"dropout must be a number from 0 up to (not including) 1, such as 0.2; got {dropout!r}.")
+    return float(dropout)
+
+
 def build_network(
     name: str = "basic_unet",
     in_channels: int = 3,
     out_channels: int = 2,
     base_features: int = 16,
     act: str = "elu",
+    dropout: float = 0.0,
 ) -> torch.nn.Module:
     """Build the 2D segmentation network called ``name`` (see :data:`NETWORKS`).
 
@@ -99,20 +113,28 @@ def build_network(
     norm, the chosen activation and skip connections; ``basic_unet`` is the classic design, ``unet``
     trades max-pooling for strided convolutions and adds residual units.
 
+    ``dropout`` (0 <= p < 1, default 0) puts a dropout layer after every convolution block's norm;
+    it has no weights, so a state dict fits the network whatever its ``dropout``.  Training uses it
+    as a regulariser; MONAI Label's epistemic scoring writes it into ``network_def`` and runs the
+    network in training mode several times per image (Monte Carlo dropout), scoring how much the
+    predictions disagree.
+
     Raises:
-        BundleInputError: for an unknown ``name`` (and as :func:`unet_features`, :func:`activation`).
+        BundleInputError: for an unknown ``name``, a ``dropout`` outside [0, 1) (and as
+            :func:`unet_features`, :func:`activation`).
     """
     from monai.networks.nets import BasicUNet, UNet
 
     features, act_spec = unet_features(base_features), activation(act)
+    dropout = check_dropout(dropout)
     if name == "basic_unet":
         return BasicUNet(
             spatial_dims=2, in_channels=in_channels, out_channels=out_channels, features=features,
-            act=act_spec, norm="batch", upsample="deconv",
+            act=act_spec, norm="batch", upsample="deconv", dropout=dropout,
         )
     if name == "unet":
         return UNet(
             spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=features[:5],
-            strides=(2, 2, 2, 2), num_res_units=2, act=act_spec, norm="batch",
+            strides=(2, 2, 2, 2), num_res_units=2, act=act_spec, norm="batch", dropout=dropout,
         )
     raise BundleInputError(f"architecture {name!r} is not supported: use one of {', '.join(NETWORKS)}.")

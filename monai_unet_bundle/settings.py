@@ -207,6 +207,9 @@ SETTINGS: dict[str, Check] = {
     "architecture": _choice("basic_unet", "unet"),
     "base_features": _integer(1),
     "activation": _choice("elu", "relu", "leakyrelu"),
+    "dropout": lambda value, _: (
+        None if _is_number(value) and 0 <= value < 1 else "a number from 0 up to (not including) 1, e.g. 0.2"
+    ),
     # training
     "max_epochs": _integer(1),
     "batch_size": _integer(1),

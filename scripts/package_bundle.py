@@ -12,6 +12,12 @@ the version from ``configs/metadata.json``, the layout ``monai.bundle download``
     python scripts/package_bundle.py dist --weights runs/best/model.pt --force
     python scripts/package_bundle.py dist --no_weights                 # configs and code only
     python scripts/package_bundle.py ~/apps/monaibundle/model          # ready for MONAI Label's monaibundle app
+    python scripts/package_bundle.py apps/unet2d --app                 # a whole MONAI Label app: main.py + model/NAME/
+
+With ``--app`` OUT_DIR becomes a MONAI Label app folder: ``OUT_DIR/main.py`` (:data:`APP_MAIN`, the
+``monaibundle`` sample app's bundle handling plus the ``epistemic`` active-learning strategy, which the
+sample app of MONAI Label 0.8.5 scores but does not offer, and NIfTI labels that keep the image's affine)
+and the bundle in ``OUT_DIR/model/NAME/``.
 
 Without ``--weights`` or ``--no_weights`` the repository's ``models/model.pt`` is shipped when it exists.
 
@@ -45,6 +51,118 @@ PACKAGE = "monai_unet_bundle"
 #: files that never belong in a distributed bundle
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
 EXIT_USAGE = 2
+
+
+#: ``main.py`` of the app ``--app`` writes (MONAI Label 0.8.5): every bundle named by ``--conf models`` is one
+#: infer and one train task, as in MONAI Label's ``monaibundle`` sample app (NIfTI labels keep the image's
+#: affine, which MONAI Label drops for 2D); with ``--conf epistemic_model NAME``
+#: the bundle is also scored by Monte Carlo dropout and ``/activelearning/epistemic`` serves the most uncertain
+#: unlabelled image first
+APP_MAIN = '''"""MONAI Label app written by monai-unet-bundle's scripts/package_bundle.py --app (MONAI Label 0.8.5).
+
+    monailabel start_server --app APP --studies IMAGES --conf models unet2d_segmentation --conf zoo_source github \\
+        [--conf epistemic_model unet2d_segmentation] [--conf epistemic_dropout 0.2] [--conf epistemic_simulation_size 5]
+"""
+
+import logging
+
+import monailabel
+from monai.transforms import Invertd, SaveImaged
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.epistemic import Epistemic
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import get_bundle_models, strtobool
+
+logger = logging.getLogger(__name__)
+
+
+class Bundle2DInferTask(BundleInferTask):
+    """BundleInferTask whose NIfTI label maps keep the image's affine (spacing, origin, direction).
+
+    MONAI Label 0.8.5 writes 2D labels through ITK without the affine, so a viewer would place the
+    label of a NIfTI slice with non-default geometry somewhere else than the slice; the label's
+    array is right, so only its header is rewritten here, with the affine the image was read with.
+    """
+
+    def writer(self, data, extension=None, dtype=None):
+        label_file, result = super().writer(data, extension, dtype)
+        affine = (data.get("image_meta_dict") or {}).get("affine")
+        if isinstance(label_file, str) and label_file.lower().endswith((".nii", ".nii.gz")) and affine is not None:
+            import nibabel
+            import numpy as np
+
+            label = nibabel.load(label_file)
+            if len(label.shape) == 2:
+                array = np.asarray(label.dataobj)
+                nibabel.save(nibabel.Nifti1Image(array, np.asarray(affine, dtype=np.float64)), label_file)
+        return label_file, result
+
+
+class SequentialEpistemicScoring(EpistemicScoring):
+    """Epistemic scoring one image at a time (MONAI Label's default is 2 threads).
+
+    The threads share one bundle config, which ``BundleInferTask`` re-parses on every request of a
+    bundle with ``displayable_configs``: two at once fail with "can not find expected ID".
+    """
+
+    def __call__(self, request, datastore):
+        return super().__call__({"max_workers": 1, **request}, datastore)
+
+
+class BundleApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.models = get_bundle_models(app_dir, conf)
+        epistemic = conf.get("epistemic_model")
+        self.epistemic_models = get_bundle_models(app_dir, conf, conf_key="epistemic_model") if epistemic else {}
+        self.epistemic_max_samples = int(conf.get("epistemic_max_samples", "0"))
+        self.epistemic_simulation_size = int(conf.get("epistemic_simulation_size", "5"))
+        self.epistemic_dropout = float(conf.get("epistemic_dropout", "0.2"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"monai-unet-bundle app (MONAI Label {monailabel.__version__})",
+            description="2D U-Net bundles served as MONAI Label models",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self):
+        return {name: Bundle2DInferTask(path, self.conf) for name, path in self.models.items()}
+
+    def init_trainers(self):
+        if strtobool(self.conf.get("skip_trainers", "false")):
+            return {}
+        trainers = {}
+        for name, path in self.models.items():
+            task = BundleTrainTask(path, self.conf)
+            if task and task.is_valid():
+                trainers[name] = task
+        return trainers
+
+    def init_strategies(self):
+        strategies = {"random": Random(), "first": First()}
+        if self.epistemic_models:
+            strategies["epistemic"] = Epistemic()
+        return strategies
+
+    def init_scoring_methods(self):
+        methods = {}
+        for name, path in self.epistemic_models.items():
+            # the network in training mode with dropout written into network_def: Monte Carlo dropout
+            task = BundleInferTask(
+                path, self.conf, train_mode=True, skip_writer=True, dropout=self.epistemic_dropout,
+                post_filter=[SaveImaged, Invertd],
+            )
+            methods[name] = SequentialEpistemicScoring(
+                task, max_samples=self.epistemic_max_samples, simulation_size=self.epistemic_simulation_size
+            )
+        logger.info(f"Active learning scoring methods: {list(methods)}")
+        return methods
+'''
 
 
 class PackagingError(Exception):
@@ -208,6 +326,20 @@ def package_bundle(
     return folder, zip_path
 
 
+def write_app(app_dir: Path, force: bool = False) -> Path:
+    """Write :data:`APP_MAIN` as ``app_dir/main.py`` (the folder is created when missing).
+
+    Raises:
+        PackagingError: when another ``main.py`` is there and ``force`` is not given.
+    """
+    main_py = app_dir / "main.py"
+    if main_py.exists() and not force and main_py.read_text() != APP_MAIN:
+        raise PackagingError(f"{main_py} already exists and is another app: choose another folder or pass --force.")
+    app_dir.mkdir(parents=True, exist_ok=True)
+    main_py.write_text(APP_MAIN)
+    return main_py
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and write the bundle; returns the exit status (2 for a usage problem)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,17 +356,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     weights.add_argument("--no_weights", action="store_true", help="ship no models/model.pt even when the repository has one")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder and zip of the same name")
+    parser.add_argument(
+        "--app", action="store_true", help="make OUT_DIR a MONAI Label app: OUT_DIR/main.py and the bundle in OUT_DIR/model/NAME/"
+    )
     args = parser.parse_args(argv)
     weights = args.weights
     if weights is None and not args.no_weights and (REPO / "models" / "model.pt").is_file():
         weights = REPO / "models" / "model.pt"
     try:
-        folder, zip_path = package_bundle(args.out_dir, args.name, weights, args.force)
+        if args.app:
+            write_app(args.out_dir, args.force)
+        folder, zip_path = package_bundle(args.out_dir / "model" if args.app else args.out_dir, args.name, weights, args.force)
     except PackagingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     shipped = "with models/model.pt" if weights is not None else "without weights (no models/model.pt)"
     print(f"wrote {folder} ({shipped}) and {zip_path}")
+    if args.app:
+        start = f"monailabel start_server --app {args.out_dir} --studies IMAGES --conf models {args.name} --conf zoo_source github"
+        print(f"wrote {args.out_dir / 'main.py'}; start it with: {start}")
     return 0
 
 

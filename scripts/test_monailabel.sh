@@ -15,7 +15,9 @@
 # with its dependencies pulls a CUDA torch and numpy<2; so monailabel (and pydicom-seg, which pins
 # numpy<2 without needing it here) go in with --no-deps, followed by the modules it imports at
 # run time. torch==2.13.0 (the metadata's pytorch_version) is named in every step so pip keeps the CPU build from local disk.
-# No torchvision build works with torch 2.13.0 here: tests/monailabel/conftest.py provides a stand-in.
+# No torchvision build works with torch 2.13.0 here: tests/monailabel/conftest.py provides a stand-in (also to
+# the `monailabel start_server` the tests start, through PYTHONPATH).  The tests drive that server with requests,
+# one of monailabel's own modules, and stop it by its process id.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$PWD"

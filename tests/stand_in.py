@@ -17,7 +17,7 @@ class StandInNet(torch.nn.Module):
     """Logits that depend only on each pixel's brightness or on its column.
 
     Args:
-        name, in_channels, base_features, act: accepted and ignored (the U-Net's arguments).
+        name, in_channels, base_features, act, dropout: accepted and ignored (the U-Net's arguments).
         out_channels: classes; class ``c`` wins where the first channel is nearest ``c / (K - 1)``
             (binary: foreground where it is above 0.5).
         mode: ``"threshold"`` (the rule above) or ``"ramp"`` (binary only: foreground on the left
@@ -33,6 +33,7 @@ class StandInNet(torch.nn.Module):
         base_features: int = 16,
         act: str = "elu",
         mode: str = "threshold",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.out_channels = int(out_channels)

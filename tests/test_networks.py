@@ -55,3 +55,35 @@ def test_build_network_by_name():
     assert any(isinstance(m, torch.nn.ELU) for m in strided.modules())
     with pytest.raises(BundleInputError, match="architecture 'segformer' is not supported: use one of basic_unet, unet"):
         build_network("segformer")
+
+
+@pytest.mark.parametrize("name", ["basic_unet", "unet"])
+def test_dropout_is_monte_carlo_in_training_mode_and_off_in_evaluation(name):
+    """``dropout`` (MONAI Label's epistemic scoring writes it into ``network_def``) adds no weights, acts only in training mode."""
+    from monai_unet_bundle.networks import build_network
+
+    torch.manual_seed(0)
+    plain = build_network(name, 3, 2, 4, "elu")
+    dropped = build_network(name, 3, 2, 4, "elu", dropout=0.3)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in dropped.modules()) >= 9
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in plain.modules())
+    dropped.load_state_dict(plain.state_dict(), strict=True)  # same weights: a model.pt fits either
+    x = torch.rand(1, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x))
+        dropped.train()
+        a, b = dropped(x), dropped(x)
+    assert not torch.equal(a, b), "two training-mode passes with dropout gave the same output"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "0.2", True, None])
+def test_dropout_outside_0_to_1_is_refused_by_the_builder_and_the_settings_check(bad):
+    from monai_unet_bundle.networks import build_network
+    from monai_unet_bundle.settings import check_settings
+
+    with pytest.raises(BundleInputError, match="dropout must be a number from 0 up to"):
+        build_network("basic_unet", dropout=bad)
+    with pytest.raises(BundleInputError, match=r"^dropout is .*, but it must be a number from 0 up to \(not including\) 1"):
+        check_settings(dropout=bad)
+    assert check_settings(dropout=0)["dropout"] == 0 and check_settings(dropout=0.5)["dropout"] == 0.5

@@ -104,3 +104,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def label_run_required() -> bool:
     """True in the dedicated MONAI Label run (scripts/test_monailabel.sh), where a skip would hide a failure."""
     return required()
+
+
+@pytest.fixture(scope="session")
+def stand_in_pythonpath() -> str:
+    """``PYTHONPATH`` for a MONAI Label server started by a test: the torchvision stand-in, when one was written."""
+    return _stub_dir or ""

@@ -9,9 +9,16 @@ MONAI Label needs from us: a 2D model, the label names from the metadata, a clas
 (0/1, integer, not 0/255) at the image's original size, and training that rewrites
 ``models/model.pt`` from labels saved in the datastore.
 
+The second half starts the real server (``monailabel start_server`` on 127.0.0.1, a free port) over an
+app written by ``scripts/package_bundle.py --app`` and drives it over HTTP with the README's commands:
+``/info/``, ``/infer`` on PNG, JPEG and NIfTI with every option the annotator can choose,
+``/datastore/label``, ``/train`` and epistemic (Monte Carlo dropout) active learning; the server is
+stopped by its process id at the end, whatever happens.
+
 It must run where ``monai_unet_bundle`` is NOT installed (scripts/test_monailabel.sh makes such a
 venv): the package is only importable from inside the packaged folder, which proves that it travels
-with the bundle.  Only monai, monailabel, torch, numpy, PIL and the standard library are imported.
+with the bundle.  Only monai, monailabel, torch, numpy, PIL, nibabel, requests (MONAI Label's) and the
+standard library are imported.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +49,7 @@ if _spec is None or _spec.origin in (None, "namespace"):
         allow_module_level=True,
     )
 
+import requests  # noqa: E402  (one of MONAI Label's own modules: drives the server)
 import torch  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
@@ -293,10 +303,468 @@ def test_train_rewrites_the_bundle_model(app: BundleApp, packaged: dict[str, Pat
     before_keys = set(torch.load(model_pt, map_location="cpu", weights_only=True))
 
     with caplog.at_level(logging.INFO, logger="monailabel.tasks.train.bundle"):
-        app.train({"model": NAME, "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.2, "pretrained": True})
+        # MONAI Label reads every option of the bundle's displayable_configs from the request (clients send them all)
+        app.train({"model": NAME, "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.2, "pretrained": True,
+                   "learning_rate": 0.001, "input_size": 32})
 
     assert "Total Records in Dataset: 5" in caplog.text, "training did not take the 5 labelled images from the datastore"
     assert model_pt.stat().st_mtime_ns > before_mtime, "models/model.pt was not rewritten"
     assert _digest(model_pt) != before_digest, "models/model.pt holds the same bytes after training"
     state = torch.load(model_pt, map_location="cpu", weights_only=True)
     assert set(state) == before_keys, "the rewritten model.pt is not a plain state dict of network_def"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real server: `monailabel start_server` on 127.0.0.1, driven over HTTP as a client does.
+#
+# WALKTHROUGH holds the commands of the README's MONAI Label section, as written there (the README test
+# checks that each appears verbatim); the fixtures below run exactly these, with three substitutions:
+# the port (8000 -> a free one), `python scripts/...` -> this interpreter and the repository's script,
+# and `models/model.pt` -> the weights trained by the `packaged` fixture.  curl lines are run with
+# `requests` (see `_curl`), so no curl binary is needed.
+# ---------------------------------------------------------------------------------------------------------------------
+
+README_PORT = "8000"
+WALKTHROUGH = {
+    "package": "python scripts/package_bundle.py apps/unet2d --app --weights models/model.pt",
+    "start": (
+        "MONAI_LABEL_AUTO_UPDATE_SCORING=false monailabel start_server --app apps/unet2d --studies studies "
+        "--host 127.0.0.1 --port 8000 --conf models unet2d_segmentation --conf zoo_source github "
+        "--conf epistemic_model unet2d_segmentation"
+    ),
+    "info": "curl -s http://127.0.0.1:8000/info/",
+    "infer": (
+        "curl -s -X POST \"http://127.0.0.1:8000/infer/unet2d_segmentation?image=study_0&output=image\" "
+        "-F 'params={\"tta\": true, \"fill_holes\": true}' -o study_0_label.png"
+    ),
+    "label": "curl -s -X PUT \"http://127.0.0.1:8000/datastore/label?image=study_0&tag=final\" -F \"label=@masks/study_0.png\"",
+    "train": (
+        "curl -s -X POST \"http://127.0.0.1:8000/train/unet2d_segmentation?run_sync=true\" -H \"Content-Type: application/json\" "
+        "-d '{\"max_epochs\": 15, \"learning_rate\": 0.01, \"input_size\": 32, \"val_split\": 0.4, \"multi_gpu\": false}'"
+    ),
+    "scoring": (
+        "curl -s -X POST \"http://127.0.0.1:8000/scoring/unet2d_segmentation?run_sync=true\" "
+        "-H \"Content-Type: application/json\" -d '{}'"
+    ),
+    "next": "curl -s -X POST http://127.0.0.1:8000/activelearning/epistemic -H \"Content-Type: application/json\" -d '{}'",
+}
+#: a second bundle whose class names have capitals and spaces (MONAI Label lower-cases them)
+ORGANS = "organs_segmentation"
+ORGAN_NAMES = ["Background", "Liver Tumour", "Blood Vessel"]
+#: every HTTP call gives up after this many seconds (training is the slowest: about 20 s here)
+HTTP_TIMEOUT = 240
+
+
+def _curl(command: str, port: int, cwd: Path) -> requests.Response:
+    """Run one README curl line with ``requests``: -X, -H, -F (``@file`` uploads), -d and -o are understood."""
+    import shlex
+
+    args = shlex.split(command.replace(f":{README_PORT}/", f":{port}/"))
+    assert args[0] == "curl", command
+    method, url, headers, files, data, out = "GET", None, {}, {}, None, None
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a == "-s":
+            i += 1
+            continue
+        if a in ("-X", "-H", "-F", "-d", "-o"):
+            value = args[i + 1]
+            if a == "-X":
+                method = value
+            elif a == "-H":
+                k, v = value.split(":", 1)
+                headers[k.strip()] = v.strip()
+            elif a == "-F":
+                k, v = value.split("=", 1)
+                files[k] = (Path(v[1:]).name, (cwd / v[1:]).read_bytes()) if v.startswith("@") else (None, v)
+            elif a == "-d":
+                data = value
+            else:
+                out = cwd / value
+            i += 2
+            continue
+        url = a
+        i += 1
+    response = requests.request(method, url, headers=headers, files=files or None, data=data, timeout=HTTP_TIMEOUT)
+    if out is not None and response.ok:
+        out.write_bytes(response.content)
+    return response
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_disk_image(path: Path, size: tuple[int, int], centre: tuple[float, float], radius: float, seed: int) -> np.ndarray:
+    """An RGB picture of one orange disk on dark noise (as the training data); returns the disk mask."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    image = rng.integers(0, 70, size=(h, w, 3)).astype(np.uint8)
+    image[disk] = (210, 90, 40)
+    Image.fromarray(image, "RGB").save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(image, "RGB").save(path)
+    return disk
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def _patch_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("#")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(json.dumps(data, indent=4))
+
+
+def _organ_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """3-class weights: class 1 ("Liver Tumour") where red > 0.5, class 2 ("Blood Vessel") everywhere else, never 0."""
+    out = _red_threshold_weights(state)
+    w = out["final_conv.weight"]
+    w.zero_()
+    w[(1, 0, *[0] * (w.dim() - 2))] = 4.0
+    out["final_conv.bias"].copy_(torch.tensor([0.0, -2.0, 1.0]))
+    return out
+
+
+def _shifted_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The red-threshold weights with the first tap one pixel to the right: the mask is the disk shifted left.
+
+    Flipping the image moves that shift to the other side, so test-time augmentation (the average over
+    flips) changes the map, where the centred rule is flip-symmetric and would not show it.
+    """
+    out = _red_threshold_weights(state)
+    w = out["conv_0.conv_0.conv.weight"]
+    c = w.shape[2] // 2
+    w.zero_()
+    w[0, 0, c, c + 1] = 1.0
+    return out
+
+
+def _post_processing_image(path: Path) -> dict[str, tuple[int, int]]:
+    """64x64 picture: a ring (disk with a dark hole), a small disk and a 2x2 speck; returns a pixel of each."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:64, 0:64]
+    image = rng.integers(0, 70, size=(64, 64, 3)).astype(np.uint8)
+    ring = ((yy - 32) ** 2 + (xx - 20) ** 2 <= 14**2) & ((yy - 32) ** 2 + (xx - 20) ** 2 > 4**2)
+    small = (yy - 12) ** 2 + (xx - 52) ** 2 <= 5**2
+    image[ring | small] = (210, 90, 40)
+    image[54:56, 52:54] = (210, 90, 40)
+    Image.fromarray(image, "RGB").save(path)
+    return {"ring": (32, 8), "hole": (32, 20), "small": (12, 52), "speck": (54, 52)}
+
+
+@pytest.fixture(scope="module")
+def server(packaged: dict[str, Path], stand_in_pythonpath: str):
+    """`monailabel start_server` over a fresh app from the README's commands; stopped by pid at the end."""
+    walk = packaged["root"] / "walkthrough"
+    (walk / "studies").mkdir(parents=True)
+    (walk / "masks").mkdir()
+    (walk / "models").mkdir()
+    weights = packaged["root"] / "stage" / NAME / "models" / "model.pt"
+    (walk / "models" / "model.pt").write_bytes(weights.read_bytes())
+    package = WALKTHROUGH["package"].replace("python scripts/", f"{sys.executable} {REPO}/scripts/").split()
+    _run(package, cwd=walk)
+    app = walk / "apps" / "unet2d"
+    assert (app / "main.py").is_file() and (app / "model" / NAME / PACKAGE).is_dir()
+    # the second bundle: 3 classes whose names carry capitals and spaces
+    script = str(REPO / "scripts" / "package_bundle.py")
+    _run([sys.executable, script, str(app / "model"), "--name", ORGANS, "--no_weights"], cwd=walk)
+    organs = app / "model" / ORGANS
+    _patch_json(organs / "configs" / "metadata.json", **{
+        "network_data_format#outputs#pred#channel_def": {str(i): n for i, n in enumerate(ORGAN_NAMES)},
+        "network_data_format#outputs#pred#num_channels": 3,
+    })
+    for config in ("inference.json", "train.json"):
+        _patch_json(organs / "configs" / config, num_classes=3, class_names=ORGAN_NAMES)
+    (organs / "models").mkdir()
+    torch.save(_organ_weights(_basic_unet_state(3)), organs / "models" / "model.pt")
+    # tiny images: 32 px by default for inference, scoring and training (each request may still choose)
+    for bundle in (app / "model" / NAME, organs):
+        for config in ("inference.json", "train.json"):
+            _patch_json(bundle / "configs" / config, **{"displayable_configs#input_size": 32})
+    bundle = app / "model" / NAME
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    torch.save(_red_threshold_weights(state), bundle / "models" / "probe.pt")
+    torch.save(_shifted_weights(state), bundle / "models" / "probe_shift.pt")
+
+    truths = {}
+    for i, size in enumerate(SIZES[:5]):
+        _write_pair(walk / "studies" / f"study_{i}.png", walk / "masks" / f"study_{i}.png", size, seed=200 + i, mask_scale=1)
+        truths[f"study_{i}"] = np.asarray(Image.open(walk / "masks" / f"study_{i}.png")) > 0
+    # unlabelled: one like the training pictures, one unlike them (coloured stripes and noise)
+    _write_pair(walk / "studies" / "like.png", None, (44, 52), seed=300)
+    rng = np.random.default_rng(301)
+    unlike = rng.integers(0, 256, size=(44, 52, 3)).astype(np.uint8)
+    unlike[:, ::4] = (40, 200, 230)
+    unlike[::6] = (230, 230, 230)
+    Image.fromarray(unlike, "RGB").save(walk / "studies" / "unlike.png")
+
+    env = _env()
+    env.update(MONAILABEL_PYEXE=sys.executable, MONAI_LABEL_SESSIONS="false")
+    if stand_in_pythonpath:
+        env["PYTHONPATH"] = stand_in_pythonpath
+    start = WALKTHROUGH["start"].split()
+    assignments = [a for a in start if "=" in a and a.split("=")[0].isupper()]
+    env.update(a.split("=", 1) for a in assignments)
+    start = [a for a in start if a not in assignments]
+    start[0] = str(Path(sys.executable).parent / "monailabel")
+    start += ["--conf", "models", f"{NAME},{ORGANS}"]  # a later --conf wins: serve both bundles
+    log_path = walk / "server.log"
+    proc, port = None, None
+    try:
+        for _attempt in range(3):  # the port was free a moment ago; another process may take it first
+            port = _free_port()
+            args = [a if a != README_PORT else str(port) for a in start]
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(args, cwd=walk, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 120
+            up = False
+            for _poll in range(240):  # at most 240 polls and 120 s
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    break
+                try:
+                    up = requests.get(f"http://127.0.0.1:{port}/info/", timeout=5).ok
+                except requests.RequestException:
+                    up = False
+                if up:
+                    break
+                time.sleep(1)
+            if up:
+                break
+            log_text = log_path.read_text()
+            _stop(proc)
+            proc = None
+            if "address already in use" not in log_text.lower():
+                pytest.fail(f"monailabel start_server did not answer /info/ within 120 s:\n{log_text[-4000:]}")
+        assert proc is not None, "no free port for monailabel start_server after 3 tries"
+        yield {"port": port, "walk": walk, "app": app, "bundle": bundle, "organs": organs, "log": log_path, "truths": truths}
+    finally:
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server by its process id: SIGTERM, then SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def _basic_unet_state(out_channels: int) -> dict[str, torch.Tensor]:
+    """A state dict of the bundle's default network (BasicUNet, 16 base features) with ``out_channels`` outputs."""
+    from monai.networks.nets import BasicUNet
+
+    net = BasicUNet(spatial_dims=2, in_channels=3, out_channels=out_channels, features=(16, 32, 64, 128, 256, 16), norm="batch")
+    return net.state_dict()
+
+
+def _infer(server: dict, image_id: str = "", upload: Path | None = None, model: str = NAME, **params) -> np.ndarray:
+    """POST /infer/<model>?output=image for a datastore image or an uploaded file; returns the label map."""
+    files = {"params": (None, json.dumps({"device": "cpu", **params}))}
+    if upload is not None:
+        files["file"] = (upload.name, upload.read_bytes())
+    query = {"output": "image", **({"image": image_id} if image_id else {})}
+    response = requests.post(f"http://127.0.0.1:{server['port']}/infer/{model}", params=query, files=files, timeout=HTTP_TIMEOUT)
+    if not response.ok:
+        pytest.fail(f"/infer/{model} answered {response.status_code}: {response.text[:2000]}\n{server['log'].read_text()[-3000:]}")
+    name = response.headers.get("content-disposition", "").split("filename=")[-1].strip('"; ')
+    out = server["walk"] / f"result{''.join(Path(name).suffixes) or '.png'}"
+    out.write_bytes(response.content)
+    if out.name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        return np.asarray(nibabel.load(out).dataobj)
+    return np.asarray(Image.open(out))
+
+
+def _get(server: dict, path: str, **params) -> dict:
+    response = requests.get(f"http://127.0.0.1:{server['port']}{path}", params=params, timeout=HTTP_TIMEOUT)
+    assert response.ok, f"{path} answered {response.status_code}: {response.text[:2000]}"
+    return response.json()
+
+
+def test_server_info_shows_a_2d_model_its_labels_and_the_annotator_options(server: dict) -> None:
+    """/info/: 2D segmentation models; class names lower-cased by MONAI Label but at their indices; no background."""
+    response = _curl(WALKTHROUGH["info"], server["port"], server["walk"])
+    assert response.ok, response.text
+    info = response.json()
+    model, organs = info["models"][NAME], info["models"][ORGANS]
+    assert model["dimension"] == 2 and model["type"] == "segmentation"
+    assert model["labels"] == {"foreground": 1}
+    # "Liver Tumour" and "Blood Vessel" keep their indices under MONAI Label's lower-casing; "Background" is not offered
+    assert organs["labels"] == {"liver tumour": 1, "blood vessel": 2}
+    assert sorted(info["labels"]) == ["blood vessel", "foreground", "liver tumour"]
+    assert not any("background" in name.lower() for name in info["labels"])
+    # what the annotator can choose: inference options and training options, from displayable_configs
+    infer_options = {"input_size": 32, "tta": False, "sliding_window": False, "keep_largest_component": False,
+                     "fill_holes": False, "remove_smaller_than": 0}
+    assert infer_options.items() <= model["config"].items()
+    train = info["trainers"][NAME]["config"]
+    assert {"max_epochs": 100, "learning_rate": 0.001, "input_size": 32, "val_split": 0.2}.items() <= train.items()
+    assert "epistemic" in info["strategies"] and NAME in info["scoring"]
+
+
+def test_server_infers_png_jpeg_and_nifti_at_their_size_and_orientation(server: dict) -> None:
+    """/infer on PNG (datastore), JPEG and NIfTI (uploaded): class indices 0/1 at the original size, on the object."""
+    walk, truths = server["walk"], server["truths"]
+    label = _infer(server, "study_1", model_filename="probe.pt", input_size=64)
+    assert label.shape == truths["study_1"].shape and label.dtype.kind in "ui"
+    assert set(np.unique(label).tolist()) == {0, 1}
+    assert _dice(label == 1, truths["study_1"]) > 0.9
+
+    jpeg = walk / "upload.jpg"
+    disk = _write_disk_image(jpeg, (46, 62), (15.0, 40.0), 9.0, seed=7)
+    # MONAI Label writes the label in the image's format unless told otherwise: a JPEG label would be lossy
+    label = _infer(server, upload=jpeg, model_filename="probe.pt", input_size=64, result_extension=".png")
+    assert label.shape == (46, 62) and set(np.unique(label).tolist()) == {0, 1}
+    assert _dice(label == 1, disk) > 0.9, "the JPEG's mask is not on its disk (flipped or transposed?)"
+
+    import nibabel
+
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[0:38, 0:58]
+    disk = (yy - 12) ** 2 + (xx - 40) ** 2 <= 8**2
+    slice_ = rng.integers(0, 70, size=(38, 58)).astype(np.float32)
+    slice_[disk] = 200.0
+    nifti = walk / "upload.nii.gz"
+    affine = np.array([[0.0, -0.5, 0.0, 12.0], [0.7, 0.0, 0.0, -30.0], [0.0, 0.0, 2.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
+    nibabel.save(nibabel.Nifti1Image(slice_, affine), nifti)
+    label = np.squeeze(_infer(server, upload=nifti, model_filename="probe.pt", input_size=64))
+    assert label.shape == (38, 58), f"NIfTI label {label.shape} is not the slice's shape (38, 58)"
+    # the label lies where the slice lies: same affine (MONAI Label alone writes 2D labels without it)
+    np.testing.assert_allclose(nibabel.load(walk / "result.nii.gz").affine, affine, atol=1e-6)
+    assert set(np.unique(label).tolist()) == {0, 1}
+    assert _dice(label == 1, disk) > 0.9, "the NIfTI label is not on its disk in the slice's own index order"
+
+
+def test_server_honours_the_inference_options(server: dict) -> None:
+    """input_size, keep_largest_component, fill_holes, remove_smaller_than and tta, each chosen per request."""
+    walk = server["walk"]
+    picture = walk / "shapes.png"
+    at = _post_processing_image(picture)
+
+    def infer(**options):
+        label = _infer(server, upload=picture, model_filename="probe.pt", **{"input_size": 64, **options})
+        return {name: int(label[yx]) for name, yx in at.items()}, label
+
+    base, base_map = infer()
+    assert base == {"ring": 1, "hole": 0, "small": 1, "speck": 1}
+    assert infer(keep_largest_component=True)[0] == {"ring": 1, "hole": 0, "small": 0, "speck": 0}
+    assert infer(fill_holes=True)[0] == {"ring": 1, "hole": 1, "small": 1, "speck": 1}
+    assert infer(remove_smaller_than=10)[0] == {"ring": 1, "hole": 0, "small": 1, "speck": 0}
+    coarse, coarse_map = infer(input_size=16)  # a 2x2 speck does not survive a 4x smaller input
+    assert coarse["speck"] == 0 and coarse["ring"] == 1 and coarse_map.shape == base_map.shape
+    # sliding_window: no resize, 16 px patches at the image's own resolution, so the speck stays
+    windows, windows_map = infer(input_size=16, sliding_window=True)
+    assert windows == base and windows_map.shape == base_map.shape
+
+    # tta: averaging over flips changes what the (deliberately asymmetric) network draws, exactly as the
+    # bundle's own inference does with --tta true
+    plain = _infer(server, upload=picture, model_filename="probe_shift.pt", input_size=64)
+    tta = _infer(server, upload=picture, model_filename="probe_shift.pt", input_size=64, tta=True)
+    assert not np.array_equal(plain, tta), "tta=true gave the same map as tta=false"
+    in_dir, out_dir = walk / "cli_in", walk / "cli_out"
+    in_dir.mkdir()
+    (in_dir / picture.name).write_bytes(picture.read_bytes())
+    _run(
+        [
+            sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input_dir", str(in_dir),
+            "--output_dir", str(out_dir), "--ckpt_path", "models/probe_shift.pt", "--num_workers", "0", "--device", "cpu",
+            "--bundle_root", ".", "--spatial_size", "[64,64]", "--tta", "true",
+        ],
+        cwd=server["bundle"],
+    )
+    cli = np.asarray(Image.open(out_dir / picture.name)).astype(np.int64)
+    np.testing.assert_array_equal(tta.astype(np.int64) * 255, cli)
+
+
+def test_server_label_values_are_the_bundles_class_indices(server: dict) -> None:
+    """The 3-class bundle: MONAI Label's map holds 1 ("Liver Tumour") on the disk and 2 ("Blood Vessel") elsewhere."""
+    picture = server["walk"] / "organs.png"
+    disk = _write_disk_image(picture, (40, 50), (20.0, 30.0), 8.0, seed=9)
+    label = _infer(server, upload=picture, model=ORGANS)
+    assert label.shape == (40, 50) and set(np.unique(label).tolist()) == {1, 2}
+    assert _dice(label == 1, disk) > 0.9 and _dice(label == 2, ~disk) > 0.9
+    files = {"params": (None, json.dumps({"device": "cpu"})), "file": (picture.name, picture.read_bytes())}
+    response = requests.post(
+        f"http://127.0.0.1:{server['port']}/infer/{ORGANS}", params={"output": "json"}, files=files, timeout=HTTP_TIMEOUT
+    )
+    assert response.ok and response.json()["label_names"] == {"liver tumour": 1, "blood vessel": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(server: dict) -> dict:
+    """The README's steps: infer, save 5 labels through /datastore/label, train through /train."""
+    port, walk, bundle = server["port"], server["walk"], server["bundle"]
+    response = _curl(WALKTHROUGH["infer"], port, walk)
+    assert response.ok, response.text[:2000]
+    first = np.asarray(Image.open(walk / "study_0_label.png"))
+    assert first.shape == server["truths"]["study_0"].shape and set(np.unique(first).tolist()) <= {0, 1}
+    before = np.asarray(Image.open(walk / "study_0_label.png")).copy()
+    for i in range(5):
+        response = _curl(WALKTHROUGH["label"].replace("study_0", f"study_{i}"), port, walk)
+        assert response.ok and response.json()["label"] == f"study_{i}", response.text[:2000]
+    assert _get(server, "/info/")["datastore"]["completed"] == 5
+    model_pt = bundle / "models" / "model.pt"
+    digest, mtime = _digest(model_pt), model_pt.stat().st_mtime_ns
+    started = time.monotonic()
+    response = _curl(WALKTHROUGH["train"], port, walk)
+    seconds = time.monotonic() - started
+    assert response.ok, f"/train answered {response.status_code}: {response.text[:2000]}\n{server['log'].read_text()[-4000:]}"
+    log_offset = len(server["log"].read_text())
+    after = _infer(server, "study_0", tta=True, fill_holes=True)
+    reload_log = server["log"].read_text()[log_offset:]
+    return {"before": before, "after": after, "digest": digest, "mtime": mtime, "seconds": seconds, "reload_log": reload_log}
+
+
+def test_server_trains_on_the_saved_labels_with_the_chosen_settings(server: dict, trained: dict) -> None:
+    """/train rewrites models/model.pt with max_epochs, learning_rate, input_size and val_split as sent; /infer then uses it."""
+    bundle, log = server["bundle"], server["log"].read_text()
+    model_pt = bundle / "models" / "model.pt"
+    assert model_pt.stat().st_mtime_ns > trained["mtime"] and _digest(model_pt) != trained["digest"], "model.pt was not rewritten"
+    assert "Total Records in Dataset: 5; Validation Split: 0.4" in log
+    assert "Total Records for Training: 3" in log and "Total Records for Validation: 2" in log
+    rows = (bundle / "logs" / "curves.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == 15, f"{len(rows)} epochs in logs/curves.csv, not the 15 requested"
+    header = (bundle / "logs" / "curves.csv").read_text().splitlines()[0].split(",")
+    first_lr = float(rows[0].split(",")[header.index("learning_rate")])
+    assert 0.005 < first_lr <= 0.01, f"the first epoch's learning rate {first_lr} is not the requested 0.01 (cosine-scheduled)"
+    assert json.loads((bundle / "logs" / "data_check.json").read_text())["spatial_size"] == [32, 32]
+    assert "Reload model from cache" in trained["reload_log"], "the /infer after training did not load the new model.pt"
+    assert not np.array_equal(trained["before"], trained["after"]), "the map before and after training is the same"
+
+
+def test_epistemic_active_learning_ranks_the_unlike_image_first(server: dict, trained: dict) -> None:
+    """Monte Carlo dropout scoring (network_def gets dropout) puts the unlike picture above the one like the training data."""
+    port, walk = server["port"], server["walk"]
+    response = _curl(WALKTHROUGH["scoring"], port, walk)
+    assert response.ok, f"/scoring answered {response.status_code}: {response.text[:2000]}\n{server['log'].read_text()[-4000:]}"
+    assert response.json()["executed"] == 2  # the two unlabelled pictures
+    scores = {i: _get(server, "/datastore/image/info", image=i)["epistemic_entropy"] for i in ("like", "unlike")}
+    assert scores["unlike"] > 2 * scores["like"], f"epistemic entropies {scores}"
+    response = _curl(WALKTHROUGH["next"], port, walk)
+    assert response.ok and response.json()["id"] == "unlike", response.text[:2000]
+
+
+def test_readme_walkthrough_is_the_commands_these_tests_run() -> None:
+    """Every command the server tests run appears verbatim in the README's MONAI Label section."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## MONAI Label and the model zoo", 1)[1].split("\n## ", 1)[0]
+    text = section.replace(" \\\n    ", " ")
+    missing = [name for name, command in WALKTHROUGH.items() if command not in text]
+    assert not missing, f"README's MONAI Label section lacks the commands: {missing}"
