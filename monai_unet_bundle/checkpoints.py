@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -442,6 +443,21 @@ class ResumeCheckpoint:
         if error is not None:
             raise OSError(f"could not write the resume checkpoint {str(self.path)!r}: {error}") from error
 
+    def _keep_earlier_model(self) -> None:
+        """A new run is starting: move the best model of an earlier run aside instead of letting it be overwritten."""
+        best = self.objects.get("best_model")
+        path = getattr(best, "save_path", None)
+        if path is None or idist.get_rank() != 0 or not Path(path).is_file():
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(Path(path).stat().st_mtime))
+        kept = Path(path).with_name(f"{Path(path).stem}_{stamp}{Path(path).suffix}")
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = Path(path).with_name(f"{Path(path).stem}_{stamp}_{n}{Path(path).suffix}")
+        Path(path).rename(kept)
+        logger.warning("a new run starts: the earlier run's best model %s was kept as %s", path, kept)
+
     def load(self, engine: Engine) -> None:
         """Restore every object and the trainer's epoch and iteration from the checkpoint, if one applies."""
         self.wait()
@@ -451,10 +467,14 @@ class ResumeCheckpoint:
         if idist.get_rank() == 0:
             remove_leftovers(self.path)
         if self.resume == "false":
+            self._keep_earlier_model()
             return
         if not self.path.is_file():
             if self.resume == "true":
-                raise BundleInputError(f"resume is true but there is no resume checkpoint at {str(self.path)!r}.")
+                raise BundleInputError(
+                    f"resume is true but there is no resume checkpoint at {str(self.path)!r}: pass --resume auto or false to start a new run."
+                )
+            self._keep_earlier_model()
             return
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -465,7 +485,16 @@ class ResumeCheckpoint:
         progress = state.get("trainer", {})
         if progress.get("finished") and self.resume == "auto":
             logger.info("%s belongs to a finished run: starting a new run (pass --resume true to continue it)", self.path)
+            self._keep_earlier_model()
             return
+        network = self.objects.get("network")
+        if network is not None and "network" in state:
+            net = getattr(network, "module", network)
+            expected = net.state_dict()
+            if set(state["network"]) != set(expected) or any(tuple(state["network"][k].shape) != tuple(v.shape) for k, v in expected.items()):
+                reason = _mismatch_message(self.path, state["network"], expected).split(": pass", 1)
+                raise BundleInputError(f"{reason[0]}: pass{reason[1].rsplit(' or ', 1)[0]} to resume it, or --resume false to start afresh."
+                                       if len(reason) == 2 else f"{reason[0]}: pass --resume false to start afresh.")
         for name, obj in self.objects.items():
             if name in state:
                 obj.load_state_dict(state[name])

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.errors import BundleInputError, short_reason
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image
 from monai_unet_bundle.transforms import channel_conversion_note
 
@@ -305,6 +305,15 @@ def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str
                 continue
             if missing:
                 problems.append(missing_masks_message(Path(folder) / "images", Path(folder) / "masks", missing, mask_suffix))
+            by_mask: dict[str, list[str]] = {}
+            for pair in pairs:
+                by_mask.setdefault(pair["label"], []).append(pair["image"])
+            for mask, images in sorted(by_mask.items()):
+                if len(images) > 1:
+                    problems.append(
+                        f"images {', '.join(images)} share one stem, so all would pair with mask {mask} (and could fall on "
+                        f"both sides of the split): rename or remove all but one."
+                    )
             if orphans:
                 warnings.append(f"{len(orphans)} mask(s) in {str(Path(folder) / 'masks')!r} have no image and are ignored: {_listing(orphans)}.")
             lists[key] = pairs
@@ -371,14 +380,16 @@ def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, s
 def _readable(path: Path) -> tuple[str | None, str]:
     """Return ``(why path cannot be read as a 2D image or None, its mode)``, e.g. ``(None, "RGB")``."""
     try:
-        _, mode = inspect_image(str(path))
+        (height, width), mode = inspect_image(str(path))
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             import nibabel
 
             nibabel.load(str(path)).get_fdata(dtype="float32")  # a truncated .nii.gz fails here, not mid-run
-        return None, mode
     except Exception as exc:  # any decoder failure means the file is skipped, with the reason kept
-        return f"{type(exc).__name__}: {exc}", ""
+        return ("empty file" if path.is_file() and path.stat().st_size == 0 else short_reason(exc)), ""
+    if min(height, width) < 2:
+        return f"the image is {height}x{width} pixels (height x width); a mask needs at least 2x2", ""
+    return None, mode
 
 
 @dataclass
@@ -459,6 +470,8 @@ def _list_file_names(list_file: Path) -> list[str]:
             raise BundleInputError(f"input_files {str(list_file)!r} is not a readable JSON datalist ({exc}).") from None
     if isinstance(lists, dict):
         section = lists.get("test") or [d for k in ("training", "validation") for d in (lists.get(k) or [])]
+        if not lists.get("test"):
+            logger.info("input_files %s has no 'test' list: predicting its training and validation images", list_file)
     else:
         section = lists
     names = []
@@ -520,8 +533,12 @@ def scan_inputs(
             ``output_dir`` equals ``input_dir`` (writing masks there could overwrite the inputs).
     """
     folder = Path(input_dir)
+    if input_files is None and folder.is_file():
+        raise BundleInputError(f"input_dir {str(folder)!r} is a file: pass --input_dir with its folder, or --input_files {str(folder)!r}.")
     if input_files is None and not folder.is_dir():
         raise BundleInputError(f"input_dir {str(folder)!r} does not exist: pass --input_dir with a folder of images.")
+    if isinstance(input_files, (str, Path)) and Path(input_files).is_dir():
+        raise BundleInputError(f"input_files {str(input_files)!r} is a folder: pass --input_dir {str(input_files)!r} instead.")
     if output_dir is not None and folder.is_dir() and Path(output_dir).resolve() == folder.resolve():
         raise BundleInputError(
             f"output_dir {str(output_dir)!r} is the same folder as input_dir: choose another --output_dir so no input is overwritten."
@@ -545,7 +562,10 @@ def scan_inputs(
             logger.warning("skipping unreadable file %s (%s)", path, reason)
     if not readable:
         if input_files is None:
-            raise BundleInputError(f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in input_dir {str(folder)!r}.")
+            found = f" (first of {len(scan.skipped)} unreadable: {scan.skipped[0]['file']}: {scan.skipped[0]['reason']})" if scan.skipped else ""
+            raise BundleInputError(
+                f"no readable image ({', '.join(IMAGE_EXTENSIONS)}) found in input_dir {str(folder)!r}{found}: pass a folder of images."
+            )
         if not scan.skipped:
             raise BundleInputError(f"input_files {input_files!r} names no image: pass image paths, or a CSV or JSON list of them.")
         first = scan.skipped[0]

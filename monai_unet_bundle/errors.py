@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["BundleInputError", "find_input_error", "install_excepthook", "message_lines", "one_line"]
+__all__ = ["BundleInputError", "find_input_error", "install_excepthook", "message_lines", "one_line", "short_reason"]
 
 EXIT_CODE = 2
 
@@ -45,10 +45,17 @@ def find_input_error(exc: BaseException | None) -> BundleInputError | None:
 def one_line(error: BundleInputError) -> str:
     """Return the error's sentence, also when a DataLoader worker re-raised it with a traceback inside."""
     text = str(error).strip()
-    if "Traceback" in text:
+    if text.startswith("Caught ") and "Traceback" in text:  # re-raised by a DataLoader worker
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(f"{BundleInputError.__name__}: ", 1)[-1]
     return text
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """``"Type: first line of the message"`` of an exception, cut to ``limit`` characters, for one-line reports."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def message_lines(error: BundleInputError) -> list[str]:
@@ -62,8 +69,10 @@ def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType |
         _previous_hook(exc_type, exc, tb)
         return
     sys.stdout.flush()
-    sys.stderr.write("".join(f"error: {line}\n" for line in message_lines(found)))
-    sys.stderr.flush()
+    # the process's own stderr: under torchrun, torch.distributed's hook has pointed sys.stderr at a buffer by now
+    stream = sys.__stderr__ or sys.stderr
+    stream.write("".join(f"error: {line}\n" for line in message_lines(found)))
+    stream.flush()
     # sys.excepthook cannot change the exit status, so end the process here.
     import os
 

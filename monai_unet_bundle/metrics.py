@@ -33,6 +33,11 @@ __all__ = ["SegmentationReport", "confusion_matrix", "default_class_names", "sco
 
 logger = logging.getLogger(__name__)
 
+#: the files an evaluation writes into its ``output_dir``
+REPORT_FILES = ("metrics_per_image.csv", "metrics_summary.json", "metrics_report.md")
+#: the mark by which ``metrics_summary.json`` is known to be an evaluation's own
+WRITTEN_BY = "monai_unet_bundle evaluation"
+
 
 def default_class_names(num_classes: int) -> list[str]:
     """``["background", "foreground"]`` for binary, else ``["background", "class_1", ...]``.
@@ -160,6 +165,27 @@ class SegmentationReport:
             )
         self.output_transform = output_transform
         self.rows: list[tuple[str, np.ndarray]] = []
+        self._protect_existing_files()
+
+    def _protect_existing_files(self) -> None:
+        """Refuse an ``output_dir`` whose report files an evaluation run did not write (the user's own)."""
+        if self.output_dir.is_file():
+            raise BundleInputError(f"output_dir {str(self.output_dir)!r} is a file: pass --output_dir with a folder.")
+        existing = [self.output_dir / name for name in REPORT_FILES if (self.output_dir / name).exists()]
+        if not existing:
+            return
+        try:
+            summary = json.loads((self.output_dir / "metrics_summary.json").read_text())
+        except (OSError, ValueError):
+            summary = None
+        earlier = isinstance(summary, dict) and (
+            summary.get("written_by") == WRITTEN_BY or {"images", "mean_over_images", "confusion_matrix"} <= set(summary)
+        )
+        if not earlier:
+            raise BundleInputError(
+                f"evaluation would overwrite {str(existing[0])!r}, which no earlier evaluation wrote: choose a new or empty "
+                f"--output_dir so none of your files is lost."
+            )
 
     def attach(self, engine: Engine) -> None:
         """Collect on every iteration, write on completion."""
@@ -183,6 +209,7 @@ class SegmentationReport:
         total = sum((cm for _, cm in self.rows), np.zeros((self.num_classes,) * 2, dtype=np.int64))
         overall = scores(total)
         return {
+            "written_by": WRITTEN_BY,
             "images": len(self.rows),
             "class_names": self.class_names,
             "mean_over_images": {

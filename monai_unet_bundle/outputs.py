@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: the summary every inference run writes into ``output_dir``; it also records which files are ours
 SUMMARY_NAME = "inference_summary.json"
+#: the mark by which a summary is known to be ours (a user's own JSON of that name is not)
+WRITTEN_BY = "monai_unet_bundle inference"
 
 
 def _previous_outputs(summary_path: Path) -> set[Path]:
@@ -47,9 +49,10 @@ def _previous_outputs(summary_path: Path) -> set[Path]:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):
         return set()
-    if not isinstance(summary, dict):
+    if not isinstance(summary, dict) or summary.get("written_by") != WRITTEN_BY:
         return set()
     files: set[str] = {str(summary_path)}
+    files.update(p for p in summary.get("files") or [] if isinstance(p, str))
     files.update(p for p in summary.get("planned") or [] if isinstance(p, str))
     if isinstance(summary.get("rle_csv"), str):
         files.add(summary["rle_csv"])
@@ -118,6 +121,7 @@ class InferenceOutputs:
         self.written: list[dict[str, Any]] = []
         self._start = 0.0
         self._bar = None
+        self._earlier: list[str] = []
         self._protect_existing_files()
 
     def _rle_path(self, rle_csv: str | Path | None) -> Path | None:
@@ -176,8 +180,12 @@ class InferenceOutputs:
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
         self.rows, self.written = [], []
-        # recorded before the first write, so a run that is interrupted can be repeated into the same folder
-        running = {"status": "running", "planned": [str(p) for p in self.planned_files()]}
+        self._rle_ids = {}
+        # recorded before the first write, so a run that is interrupted can be repeated into the same folder;
+        # files earlier runs wrote stay recorded as ours while they exist, whatever this run writes
+        self._earlier = sorted(str(p) for p in _previous_outputs(self.output_dir / SUMMARY_NAME) if p.is_file())
+        planned = sorted({*self._earlier, *(str(p) for p in self.planned_files())})
+        running = {"written_by": WRITTEN_BY, "status": "running", "planned": planned}
         atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(running, indent=2) + "\n")
         if sys.stdout.isatty() and available("tqdm"):
             from tqdm import tqdm
@@ -189,6 +197,18 @@ class InferenceOutputs:
         root = Path(self.scan.input_dir) if self.scan.input_dir else None
         rel_parent = src.parent.relative_to(root) if root is not None and root in src.parents else Path()
         return rel_parent / file_stem(src)
+
+    def _rle_id(self, path: str) -> str:
+        """The ``img`` of an image in the RLE CSV: its file name (Kaggle's convention), with its sub-folder
+        under ``input_dir`` when it has one; an image whose id another already took gets its output name."""
+        src = Path(path)
+        root = Path(self.scan.input_dir) if self.scan.input_dir else None
+        ident = src.relative_to(root).as_posix() if root is not None and root in src.parents else src.name
+        if not hasattr(self, "_rle_ids"):
+            self._rle_ids: dict[str, str] = {}
+        if self._rle_ids.setdefault(ident, path) != path:
+            ident = self._name(path) + src.suffix
+        return ident
 
     def _relative(self, path: str, suffix: str) -> Path:
         return Path(self._name(path) + suffix)
@@ -238,7 +258,7 @@ class InferenceOutputs:
                     for c in range(1, prob.shape[0])
                 ]
             if self.rle_csv is not None:
-                self.rows.append((Path(path).name, rle_encode(index > 0, self.rle_order)))
+                self.rows.append((self._rle_id(path), rle_encode(index > 0, self.rle_order)))
             self.written.append(record)
             if self._bar is not None:
                 self._bar.update(1)
@@ -257,7 +277,9 @@ class InferenceOutputs:
             writer.writerow(["img", "rle_mask"])
             writer.writerows(sorted(self.rows))
             atomic_write_text(self.rle_csv, buffer.getvalue())
+        ours = {*self._earlier, *(str(p) for p in self.planned_files() if p.is_file())}
         summary = {
+            "written_by": WRITTEN_BY,
             "status": "finished",
             "written": self.written,
             "skipped": self.scan.skipped,
@@ -267,6 +289,7 @@ class InferenceOutputs:
             "seconds_per_image": round(seconds / len(self.written), 4) if self.written else None,
             "rle_csv": str(self.rle_csv) if self.rle_csv else None,
             "rle_order": self.rle_order if self.rle_csv else None,
+            "files": sorted(ours),
         }
         atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         logger.info(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,6 +178,14 @@ def _optional_text(value: Any, _: Mapping[str, Any]) -> str | None:
     return None if value is None or (isinstance(value, str) and value.strip()) else "null or a path"
 
 
+def _output_folder(value: Any, _: Mapping[str, Any]) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "a folder path"
+    if Path(value).is_file():
+        return "a folder, not an existing file"
+    return None
+
+
 def _input_files(value: Any, _: Mapping[str, Any]) -> str | None:
     if value is None or (isinstance(value, str) and value.strip()):
         return None
@@ -232,7 +241,7 @@ SETTINGS: dict[str, Check] = {
     "device": _device,
     # inference
     "input_dir": _optional_text,
-    "output_dir": _optional_text,
+    "output_dir": _output_folder,
     "input_files": _input_files,
     "ckpt_path": _optional_text,
     "tta": _boolean,

@@ -2,7 +2,8 @@
 
 :class:`SaveMaskd` is MONAI's ``SaveImaged`` (so MONAI Label, which drops ``SaveImaged`` from an
 inference pipeline, drops it too) that picks the format from the input file: NIfTI inputs give
-NIfTI masks carrying the input's affine, every 2D image format gives a lossless PNG.  Binary PNG
+NIfTI masks of the input's own shape (a 3D slice stays 3D) and affine, every 2D image format gives
+a lossless PNG.  Binary PNG
 masks are written 0/255 so they are visible in any viewer; multiclass masks keep class indices.
 """
 
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection, PathLike
-from monai.transforms import SaveImage, SaveImaged
+from monai.transforms import SaveImaged
 
 from monai_unet_bundle.transforms import source_name
 
-__all__ = ["SaveMaskd", "is_nifti"]
+__all__ = ["SaveMaskd", "is_nifti", "save_nifti_like"]
 
 
 def is_nifti(path: str | PathLike) -> bool:
@@ -64,7 +65,6 @@ class SaveMaskd(SaveImaged):
         super().__init__(
             keys, output_ext=".png", writer="PILWriter", scale=255 if num_classes == 2 else None, **common
         )
-        self.nifti_saver = SaveImage(output_ext=".nii.gz", writer="NibabelWriter", **common)
         self.num_classes = num_classes
         self.output_dir = Path(output_dir)
         self.name_key = name_key
@@ -74,10 +74,51 @@ class SaveMaskd(SaveImaged):
         name = d.get(self.name_key)
         for key in self.key_iterator(d):
             mask = d[key]
-            saver = self.nifti_saver if is_nifti(source_name(mask)) else self.saver
+            source = source_name(mask)
             target = None
             if isinstance(name, str) and name:
                 target = self.output_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-            saver(mask.to(torch.uint8) if self.num_classes != 2 else mask, filename=None if target is None else str(target))
+            if is_nifti(source) and Path(source).is_file():
+                save_nifti_like(mask, source, target if target is not None else self.output_dir / _nifti_stem(source))
+            else:
+                self.saver(mask.to(torch.uint8) if self.num_classes != 2 else mask, filename=None if target is None else str(target))
         return d
+
+
+def _nifti_stem(path: str) -> str:
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+
+
+def save_nifti_like(mask: torch.Tensor, source: str | PathLike, target: str | PathLike) -> str:
+    """Write a class-index mask as ``<target>.nii.gz`` with the shape, affine and units of the NIfTI ``source``.
+
+    The mask arrives as the 2D slice the reader made (a size-1 axis of a 3D file squeezed out);
+    that axis is put back where it was, so the mask has exactly the input's shape and world
+    position, whichever axis was the single one, and lies over it in any viewer.
+
+    Returns:
+        The path written (also recorded as ``saved_to`` in the mask's metadata).
+    """
+    import nibabel
+
+    reference = nibabel.load(str(source))
+    array = np.asarray(torch.as_tensor(mask).detach().cpu()).astype(np.uint8)
+    array = array[0] if array.ndim == 3 else array
+    shape = tuple(int(v) for v in reference.shape)
+    if len(shape) == 3:
+        array = np.expand_dims(array, [i for i, v in enumerate(shape) if v == 1][0])
+    if array.shape != shape:
+        raise ValueError(f"mask of shape {array.shape} does not fit {source} of shape {shape}")
+    out = nibabel.Nifti1Image(array, reference.affine)
+    out.set_qform(reference.affine, int(reference.header["qform_code"]) or 1)
+    out.set_sform(reference.affine, int(reference.header["sform_code"]) or 1)
+    out.header.set_xyzt_units(*reference.header.get_xyzt_units())
+    path = f"{target}.nii.gz"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(out, path)
+    meta = getattr(mask, "meta", None)
+    if isinstance(meta, dict):
+        meta["saved_to"] = path
+    return path

@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in_channels", type=int, choices=(1, 3), help="also set the input channels")
     parser.add_argument("--bundle_root", type=Path, default=Path("."), help="bundle folder (default: .)")
     args = parser.parse_args(argv)
-    if len(args.class_names) < 2 or len(set(args.class_names)) != len(args.class_names):
-        parser.error("give at least two distinct class names, background first (e.g. background foreground)")
+    lowered = [name.strip().lower() for name in args.class_names]
+    if len(args.class_names) < 2 or len(set(lowered)) != len(lowered) or not all(lowered):
+        # MONAI Label lower-cases label names, so names that differ only in case would become one label
+        parser.error("give at least two class names, background first, that differ in more than capitals (e.g. background foreground)")
+    if "background" in lowered[1:]:
+        parser.error("'background' must be the first class (class 0), which MONAI Label never offers as a label")
     if not (args.bundle_root / "configs" / "metadata.json").is_file():
         parser.error(f"{args.bundle_root / 'configs' / 'metadata.json'} not found: pass --bundle_root")
     configure(args.bundle_root, args.class_names, args.in_channels)

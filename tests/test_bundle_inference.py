@@ -47,6 +47,9 @@ def test_masks_lie_over_their_inputs_at_the_original_size(tmp_path: Path):
     truths["volume"] = _blocky_asymmetric(38, 66)
     vol_affine = np.array([[0.0, 0.0, 0.9, 5.0], [0.0, 0.7, 0.0, -2.0], [2.5, 0.0, 0.0, 1.0], [0, 0, 0, 1.0]])
     nib.save(nib.Nifti1Image(truths["volume"][None].astype(np.float32), vol_affine), inputs / "volume.nii")  # 1 x H x W
+    truths["middle"] = _blocky_asymmetric(40, 50)
+    mid_affine = np.diag([0.7, 1.5, 0.9, 1.0])
+    nib.save(nib.Nifti1Image(truths["middle"][:, None, :].astype(np.float32), mid_affine), inputs / "middle.nii.gz")  # H x 1 x W
 
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "inference.json"),
@@ -75,10 +78,12 @@ def test_masks_lie_over_their_inputs_at_the_original_size(tmp_path: Path):
     assert scan.shape == truths["scan"].shape and np.allclose(scan.affine, affine)
     assert (np.asarray(scan.dataobj) == truths["scan"]).mean() > 0.97
     volume = nib.load(tmp_path / "out" / "volume.nii.gz")
-    assert volume.shape == truths["volume"].shape
-    assert (np.asarray(volume.dataobj) == truths["volume"]).mean() > 0.97
-    for i, j in ((0, 0), (10, 20), (37, 65)):  # every pixel keeps its world position
-        assert np.allclose(volume.affine @ [i, j, 0, 1], vol_affine @ [0, i, j, 1])
+    assert volume.shape == (1, *truths["volume"].shape)  # the input's own shape: 1 x H x W
+    assert np.allclose(volume.affine, vol_affine)  # so every pixel keeps its world position
+    assert (np.asarray(volume.dataobj)[0] == truths["volume"]).mean() > 0.97
+    middle = nib.load(tmp_path / "out" / "middle.nii.gz")
+    assert middle.shape == (40, 1, 50) and np.allclose(middle.affine, mid_affine)
+    assert (np.asarray(middle.dataobj)[:, 0, :] == truths["middle"]).mean() > 0.97
 
 
 def test_cli_inference_writes_every_readable_file_and_skips_broken_ones(trained_bundle: Path, tmp_path: Path):

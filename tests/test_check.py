@@ -133,3 +133,17 @@ def test_a_mixed_set_of_formats_and_channels_trains(tmp_path):
     report = json.loads((tmp_path / "logs" / "data_check.json").read_text())
     assert {"L", "RGBA", "RGB"} <= set(report["channel_mix"]) and any(k.startswith("NIfTI") for k in report["channel_mix"])
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_unreadable_masks_and_shared_stems_are_one_named_line_each(tmp_path):
+    data = write_pairs(tmp_path / "data", n=4)
+    (data / "masks" / "case_01.png").write_bytes(b"")  # zero bytes
+    (data / "masks" / "case_02.png").write_text("not an image")
+    Image.open(data / "images" / "case_03.png").save(data / "images" / "case_03.jpg")  # a second image of that stem
+    with pytest.raises(BundleInputError) as info:
+        _check(data, tmp_path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3 and all("Traceback" not in line and "===" not in line for line in lines)
+    assert any(line.startswith("mask ") and "case_01.png cannot be read (empty file): replace the file" in line for line in lines)
+    assert any("case_02.png cannot be read (" in line and line.endswith("remove its pair from the data.") for line in lines)
+    assert any("case_03.jpg" in line and "share one stem" in line and "rename or remove all but one" in line for line in lines)

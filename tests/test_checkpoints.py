@@ -200,3 +200,26 @@ def test_resume_writes_a_snapshot_in_the_background_and_reports_a_failed_write(t
     with pytest.raises(OSError, match="could not write the resume checkpoint .*blocked/resume.pt"):
         broken.wait()
     broken.wait()  # the error is reported once
+
+
+def test_a_new_run_keeps_the_earlier_best_model(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    saver = BestModelSaver(net, tmp_path / "model.pt")
+    atomic_save({"weight": torch.full((1, 2), 7.0)}, tmp_path / "model.pt")  # an earlier run's trained model
+    t = _trainer([])
+    ResumeCheckpoint(tmp_path / "resume.pt", {"network": net, "best_model": saver}, resume="auto").attach(t)
+    t.run([0], max_epochs=1)
+    kept = sorted(tmp_path.glob("model_*.pt"))
+    assert len(kept) == 1 and torch.load(kept[0], weights_only=True)["weight"][0, 0] == 7.0
+    assert not (tmp_path / "model.pt").exists()  # nothing overwrote it: the new run writes its own when it validates
+
+
+def test_resuming_with_other_network_settings_is_one_sentence(tmp_path):
+    from monai_unet_bundle.networks import build_network
+
+    trained = build_network("basic_unet", 1, 2, base_features=4)
+    atomic_save({"network": trained.state_dict(), "trainer": {"epoch": 1, "iteration": 1, "finished": False}}, tmp_path / "resume.pt")
+    t = _trainer([])
+    ResumeCheckpoint(tmp_path / "resume.pt", {"network": build_network("basic_unet", 1, 2, base_features=8)}).attach(t)
+    with pytest.raises(BundleInputError, match=r"was trained with base_features 4 .*: pass --base_features 4 to resume it, or --resume false to start afresh\.$"):
+        t.run([0], max_epochs=2)

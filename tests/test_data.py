@@ -127,11 +127,13 @@ def test_list_images_skips_unreadable_files(tmp_path, caplog):
     (tmp_path / "in" / "notes.txt").write_text("ignored")
     (tmp_path / "in" / "empty.jpg").write_bytes(b"")
     nib.save(nib.Nifti1Image(np.zeros((6, 8, 4), np.float32), np.eye(4)), tmp_path / "in" / "volume.nii.gz")  # not a slice
+    Image.new("L", (7, 1)).save(tmp_path / "in" / "thin.png")  # 1 pixel high: no mask can be written
     with caplog.at_level("WARNING"):
         scan = scan_inputs(tmp_path / "in")
     assert scan.items == [{"image": str(tmp_path / "in" / "good.png"), "output_name": "good"}]
     reasons = {Path(s["file"]).name: s["reason"] for s in scan.skipped}
-    assert sorted(reasons) == ["broken.png", "empty.jpg", "volume.nii.gz"] and "not a 2D slice" in reasons["volume.nii.gz"]
+    assert sorted(reasons) == ["broken.png", "empty.jpg", "thin.png", "volume.nii.gz"] and "not a 2D slice" in reasons["volume.nii.gz"]
+    assert reasons["empty.jpg"] == "empty file" and "is 1x7 pixels" in reasons["thin.png"]
     assert "broken.png" in caplog.text
 
 

@@ -67,3 +67,25 @@ def test_several_problems_print_one_error_line_each():
         "error: batch_size is 0, but it must be a whole number of at least 1: pass --batch_size with such a value.",
         "error: tta is 'maybe', but it must be true or false: pass --tta with such a value.",
     ]
+
+
+def test_the_error_line_reaches_the_terminal_when_sys_stderr_is_redirected():
+    # torch.distributed's exception hook (under torchrun) points sys.stderr at a buffer before ours runs
+    code = (
+        "import io, sys\n"
+        "from monai_unet_bundle.settings import check_settings\n"
+        "check_settings()\n"
+        "sys.stderr = io.StringIO()\n"
+        "from monai_unet_bundle.errors import BundleInputError\n"
+        "raise BundleInputError('mask m.png holds values 7: fix the mask.')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == EXIT_CODE and proc.stderr == "error: mask m.png holds values 7: fix the mask.\n"
+
+
+def test_a_multi_line_library_message_is_not_cut_to_its_last_line():
+    from monai_unet_bundle.errors import short_reason
+
+    text = "cannot find a reader for m.png.\n=== reader 1 ===\nTraceback (most recent call last):\n  ...\nValueError: x\n"
+    assert one_line(BundleInputError("mask m.png cannot be read (x): replace it.")) == "mask m.png cannot be read (x): replace it."
+    assert short_reason(RuntimeError(text)) == "RuntimeError: cannot find a reader for m.png."

@@ -81,3 +81,19 @@ def test_class_names():
     assert default_class_names(4) == ["background", "class_1", "class_2", "class_3"]
     with pytest.raises(BundleInputError, match="class_names has 2 names but num_classes=3: pass --class_names with 3 names"):
         SegmentationReport("x", 3, ["a", "b"])
+
+
+def test_the_report_never_overwrites_files_an_evaluation_did_not_write(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics_report.md").write_text("my own notes")
+    with pytest.raises(BundleInputError, match=r"^evaluation would overwrite .*metrics_report\.md'.*choose a new or empty --output_dir"):
+        SegmentationReport(out, 2)
+    (out / "metrics_report.md").unlink()
+    report = SegmentationReport(out, 2)
+    report.rows = [("a.png", np.array([[3, 1], [0, 4]]))]
+    report.write()
+    SegmentationReport(out, 2)  # a second evaluation may replace the first one's files
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleInputError, match="is a file"):
+        SegmentationReport(tmp_path / "file", 2)

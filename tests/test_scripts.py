@@ -47,7 +47,12 @@ def test_configure_classes_updates_metadata_and_both_configs(tmp_path):
         config = json.loads((tmp_path / "configs" / name).read_text())
         assert (config["num_classes"], config["class_names"], config["in_channels"]) == (3, ["background", "liver", "tumour"], 1)
     bad = subprocess.run([sys.executable, script, "only", "--bundle_root", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "at least two distinct class names" in bad.stderr
+    assert bad.returncode == 2 and "give at least two class names" in bad.stderr
+    # MONAI Label lower-cases label names: names equal but for capitals would merge into one label
+    bad = subprocess.run([sys.executable, script, "background", "Liver", "liver", "--bundle_root", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "differ in more than capitals" in bad.stderr
+    bad = subprocess.run([sys.executable, script, "lesion", "background", "--bundle_root", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "'background' must be the first class" in bad.stderr
 
 
 @pytest.mark.slow

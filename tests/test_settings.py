@@ -125,3 +125,10 @@ def test_settings_that_cannot_work_together_are_refused():
     with pytest.raises(BundleInputError) as info:  # a bad value alone is reported once, not again as a clash
         check_settings(val_interval="x", max_epochs=2)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "report.txt").write_text("mine")
+    with pytest.raises(BundleInputError, match=r"^output_dir is '.*report\.txt', but it must be a folder, not an existing file"):
+        check_settings(output_dir=str(tmp_path / "report.txt"))
+    check_settings(output_dir=str(tmp_path / "new_folder"))
