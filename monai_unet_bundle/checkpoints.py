@@ -53,6 +53,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: how many earlier runs' best models a new run keeps beside models/model.pt
+KEEP_EARLIER_MODELS = 3
+
 #: resume checkpoint path -> the thread writing it, so that a load in the same process (a run
 #: started again in a notebook after an error) waits for a write another instance began
 _WRITERS: dict[str, threading.Thread] = {}
@@ -457,6 +460,11 @@ class ResumeCheckpoint:
             kept = Path(path).with_name(f"{Path(path).stem}_{stamp}_{n}{Path(path).suffix}")
         Path(path).rename(kept)
         logger.warning("a new run starts: the earlier run's best model %s was kept as %s", path, kept)
+        ours = re.compile(rf"{re.escape(Path(path).stem)}_\d{{8}}-\d{{6}}(_\d+)?{re.escape(Path(path).suffix)}")
+        earlier = sorted((p for p in Path(path).parent.iterdir() if ours.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
+        for old in earlier[:-KEEP_EARLIER_MODELS]:  # the oldest go, so repeated runs (MONAI Label) don't fill the disk
+            old.unlink(missing_ok=True)
+            logger.info("removed %s: only the %d most recent earlier models are kept", old, KEEP_EARLIER_MODELS)
 
     def load(self, engine: Engine) -> None:
         """Restore every object and the trainer's epoch and iteration from the checkpoint, if one applies."""
