@@ -176,12 +176,12 @@ def test_extra_outputs_and_rle_with_absolute_paths(workspace: Path):
           "--rle_csv", str(rle), "--rle_order", "column", cwd=REPO)
     assert not (out / str(rle).lstrip("/")).exists()
     rows = {r["img"]: r["rle_mask"] for r in csv.DictReader(rle.open())}
-    assert sorted(rows) == sorted(Path(f).name for f in FILES.values())
+    assert sorted(rows) == sorted(FILES.values())  # file names, with the sub-folder under input_dir
     written = masks(out)
     for name in ("ring", "blobs", "stripes", "sub/tall"):
         mask = written[name]
-        assert np.array_equal(rle_decode(rows[Path(FILES[name]).name], mask.shape, "column"), mask), name
-        assert not np.array_equal(rle_decode(rows[Path(FILES[name]).name], mask.shape, "row"), mask), name
+        assert np.array_equal(rle_decode(rows[FILES[name]], mask.shape, "column"), mask), name
+        assert not np.array_equal(rle_decode(rows[FILES[name]], mask.shape, "row"), mask), name
         colour = np.array(Image.open(out / "colour" / f"{name}.png"))
         assert np.array_equal(colour[mask], np.broadcast_to(PALETTE[1], colour[mask].shape)) and not colour[~mask].any()
         original = np.array(Image.open(workspace / "in" / FILES[name]).convert("RGB"))
