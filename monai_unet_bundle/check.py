@@ -25,9 +25,9 @@ import numpy as np
 
 from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.data import DataSource, discover_datalists, fingerprint
-from monai_unet_bundle.errors import BundleInputError, short_reason
+from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.networks import check_spatial_size
-from monai_unet_bundle.readers import NIFTI_SUFFIXES, inspect_image
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, inspect_image, unreadable_reason
 from monai_unet_bundle.transforms import MaskToIndex, MaskToIndexd, channel_conversion_note, mask_loader
 
 __all__ = ["checked_datalists"]
@@ -86,7 +86,7 @@ def _scan_pairs(items: Sequence[dict[str, str]], to_index: MaskToIndex) -> _Scan
         try:
             (h, w), mode = inspect_image(item["image"])
         except Exception as exc:  # any decoder failure is reported with the file
-            scan.problems.append(f"image {item['image']} cannot be read ({short_reason(exc)}): replace the file or remove it from the data.")
+            scan.problems.append(f"image {item['image']} cannot be read ({unreadable_reason(item['image'], exc)}): replace the file or remove it from the data.")
             continue
         scan.modes[mode] += 1
         scan.heights.append(h)
@@ -100,8 +100,9 @@ def _scan_pairs(items: Sequence[dict[str, str]], to_index: MaskToIndex) -> _Scan
             scan.problems.append(str(exc))
             continue
         except Exception as exc:
-            reason = "empty file" if Path(item["label"]).is_file() and Path(item["label"]).stat().st_size == 0 else short_reason(exc)
-            scan.problems.append(f"mask {item['label']} cannot be read ({reason}): replace the file or remove its pair from the data.")
+            scan.problems.append(
+                f"mask {item['label']} cannot be read ({unreadable_reason(item['label'], exc)}): replace the file or remove its pair from the data."
+            )
             continue
         mask_hw = _mask_height_width(raw, item["label"])
         if mask_hw != (h, w):

@@ -238,40 +238,55 @@ def _describe(settings: Mapping[str, Any], names: list[str]) -> str:
     return ", ".join(f"{n} {settings[n]}" for n in names)
 
 
-def _mismatch_message(path: str | Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
-    """One sentence on why ``state`` does not fit the network whose state dict is ``expected``."""
+def _fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has exactly the tensor names and shapes of the state dict ``expected``."""
+    return set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items())
+
+
+def _mismatch_message(
+    path: str | Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], resume: bool = False
+) -> str:
+    """One sentence on why ``state`` does not fit the network whose state dict is ``expected``.
+
+    With ``resume`` the file is a resume checkpoint: the remedy is to pass its settings to resume
+    it, or ``--resume false``, instead of training again.
+    """
     trained, current = network_settings(state), network_settings(expected)
     if trained is not None and current is not None:
         differ = [n for n in _SETTINGS if trained[n] != current[n]]
+        flags = " ".join(f"--{n} {trained[n]}" for n in differ)
+        remedy = f"pass {flags} to resume it, or --resume false to start afresh." if resume else f"pass {flags} or train again."
         if differ == ["num_classes"]:
             return (
                 f"model {path} was trained for {trained['num_classes']} classes while num_classes is "
-                f"{current['num_classes']}: pass --num_classes {trained['num_classes']} or train again."
+                f"{current['num_classes']}: {remedy}"
             )
         if differ == ["in_channels"]:
             return (
                 f"model {path} was trained for {_plural(trained['in_channels'], 'input channel')} while in_channels is "
-                f"{current['in_channels']}: pass --in_channels {trained['in_channels']} or train again."
+                f"{current['in_channels']}: {remedy}"
             )
         if differ:
-            return (
-                f"model {path} was trained with {_describe(trained, differ)} while the settings say "
-                f"{_describe(current, differ)}: pass {' '.join(f'--{n} {trained[n]}' for n in differ)} or train again."
-            )
+            return f"model {path} was trained with {_describe(trained, differ)} while the settings say {_describe(current, differ)}: {remedy}"
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     resized = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     example = (missing or unexpected or resized or ["?"])[0]
     if trained is not None:  # a network of this bundle, but network_def builds something else
+        remedy = "pass those settings to resume it, or --resume false to start afresh" if resume else "pass those settings or train again"
         return (
             f"model {path} was trained with {_describe(trained, list(_SETTINGS))} but network_def builds another "
-            f"network (e.g. {example!r} differs): pass those settings or train again."
+            f"network (e.g. {example!r} differs): {remedy}."
         )
-    return (
+    what = (
         f"model {path} holds the weights of another network ({len(missing)} of network_def's tensors missing, "
-        f"{len(unexpected)} unknown, {len(resized)} of another shape, e.g. {example!r}): pass --ckpt_path with a "
-        f"model.pt trained by this bundle with the same --architecture, --base_features, --num_classes and "
-        f"--in_channels, or train again."
+        f"{len(unexpected)} unknown, {len(resized)} of another shape, e.g. {example!r})"
+    )
+    if resume:
+        return f"{what}: pass --resume false to start afresh."
+    return (
+        f"{what}: pass --ckpt_path with a model.pt trained by this bundle with the same --architecture, --base_features, "
+        f"--num_classes and --in_channels, or train again."
     )
 
 
@@ -296,8 +311,7 @@ def load_model(path: str | Path, network: torch.nn.Module) -> torch.nn.Module:
     expected = net.state_dict()
     if set(state) != set(expected) and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items())
-    if not fits:
+    if not _fits(state, expected):
         raise BundleInputError(_mismatch_message(path, state, expected))
     net.load_state_dict(state)
     logger.info("loaded the model %s", path)
@@ -499,10 +513,8 @@ class ResumeCheckpoint:
         if network is not None and "network" in state:
             net = getattr(network, "module", network)
             expected = net.state_dict()
-            if set(state["network"]) != set(expected) or any(tuple(state["network"][k].shape) != tuple(v.shape) for k, v in expected.items()):
-                reason = _mismatch_message(self.path, state["network"], expected).split(": pass", 1)
-                raise BundleInputError(f"{reason[0]}: pass{reason[1].rsplit(' or ', 1)[0]} to resume it, or --resume false to start afresh."
-                                       if len(reason) == 2 else f"{reason[0]}: pass --resume false to start afresh.")
+            if not _fits(state["network"], expected):
+                raise BundleInputError(_mismatch_message(self.path, state["network"], expected, resume=True))
         for name, obj in self.objects.items():
             if name in state:
                 obj.load_state_dict(state[name])

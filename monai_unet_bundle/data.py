@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monai_unet_bundle.errors import BundleInputError, short_reason
-from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image
+from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image, unreadable_reason
 from monai_unet_bundle.transforms import channel_conversion_note
 
 __all__ = [
@@ -386,7 +386,7 @@ def _readable(path: Path) -> tuple[str | None, str]:
 
             nibabel.load(str(path)).get_fdata(dtype="float32")  # a truncated .nii.gz fails here, not mid-run
     except Exception as exc:  # any decoder failure means the file is skipped, with the reason kept
-        return ("empty file" if path.is_file() and path.stat().st_size == 0 else short_reason(exc)), ""
+        return unreadable_reason(path, exc), ""
     if min(height, width) < 2:
         return f"the image is {height}x{width} pixels (height x width); a mask needs at least 2x2", ""
     return None, mode
@@ -404,7 +404,6 @@ class InputScan:
     items: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     input_dir: str = ""
-    modes: dict[str, int] = field(default_factory=dict)
 
     @property
     def output_names(self) -> dict[str, str]:
@@ -576,7 +575,6 @@ def scan_inputs(
         )
     names = output_names(readable, folder if folder.is_dir() else None)
     scan.items = [{"image": str(p), "output_name": names[str(p)]} for p in readable]
-    scan.modes = dict(modes)
     note = channel_conversion_note(modes, in_channels) if in_channels in (1, 3) else None
     if note:
         logger.warning("inference: %s", note)

@@ -121,7 +121,10 @@ class InferenceOutputs:
         self.written: list[dict[str, Any]] = []
         self._start = 0.0
         self._bar = None
+        self._names = self.scan.output_names  # the scan is fixed: looked up per file, built once
+        self._rle_ids: dict[str, str] = {}
         self._earlier: list[str] = []
+        self._ours = _previous_outputs(self.output_dir / SUMMARY_NAME)
         self._protect_existing_files()
 
     def _rle_path(self, rle_csv: str | Path | None) -> Path | None:
@@ -137,7 +140,7 @@ class InferenceOutputs:
 
     def _name(self, path: str) -> str:
         """The output name of an input (sub-folder and stem, no extension)."""
-        return self.scan.output_names.get(path) or str(self._fallback_relative(path))
+        return self._names.get(path) or str(self._fallback_relative(path))
 
     def planned_files(self) -> list[Path]:
         """Every file this run will write, from the scan and the options."""
@@ -157,12 +160,11 @@ class InferenceOutputs:
 
     def _protect_existing_files(self) -> None:
         """Refuse to overwrite any file that an earlier inference run into ``output_dir`` did not write."""
-        ours = _previous_outputs(self.output_dir / SUMMARY_NAME)
         inputs = {Path(item["image"]).resolve() for item in self.scan.items}
         clashes = []
         for path in self.planned_files():
             resolved = path.resolve()
-            if resolved in inputs or (path.exists() and resolved not in ours):
+            if resolved in inputs or (path.exists() and resolved not in self._ours):
                 clashes.append(path)
         if clashes:
             more = f" (and {len(clashes) - 1} more of the files it would write)" if len(clashes) > 1 else ""
@@ -183,7 +185,7 @@ class InferenceOutputs:
         self._rle_ids = {}
         # recorded before the first write, so a run that is interrupted can be repeated into the same folder;
         # files earlier runs wrote stay recorded as ours while they exist, whatever this run writes
-        self._earlier = sorted(str(p) for p in _previous_outputs(self.output_dir / SUMMARY_NAME) if p.is_file())
+        self._earlier = sorted(str(p) for p in self._ours if p.is_file())
         planned = sorted({*self._earlier, *(str(p) for p in self.planned_files())})
         running = {"written_by": WRITTEN_BY, "status": "running", "planned": planned}
         atomic_write_text(self.output_dir / SUMMARY_NAME, json.dumps(running, indent=2) + "\n")
@@ -192,20 +194,22 @@ class InferenceOutputs:
 
             self._bar = tqdm(total=len(self.scan.items) or None, desc="inference", unit="image")
 
+    def _under_input_dir(self, src: Path) -> Path | None:
+        """``src`` relative to the scanned ``input_dir``, or ``None`` when it lies elsewhere."""
+        root = Path(self.scan.input_dir) if self.scan.input_dir else None
+        return src.relative_to(root) if root is not None and root in src.parents else None
+
     def _fallback_relative(self, path: str) -> Path:
         src = Path(path)
-        root = Path(self.scan.input_dir) if self.scan.input_dir else None
-        rel_parent = src.parent.relative_to(root) if root is not None and root in src.parents else Path()
-        return rel_parent / file_stem(src)
+        under = self._under_input_dir(src)
+        return (under.parent if under is not None else Path()) / file_stem(src)
 
     def _rle_id(self, path: str) -> str:
         """The ``img`` of an image in the RLE CSV: its file name (Kaggle's convention), with its sub-folder
         under ``input_dir`` when it has one; an image whose id another already took gets its output name."""
         src = Path(path)
-        root = Path(self.scan.input_dir) if self.scan.input_dir else None
-        ident = src.relative_to(root).as_posix() if root is not None and root in src.parents else src.name
-        if not hasattr(self, "_rle_ids"):
-            self._rle_ids: dict[str, str] = {}
+        under = self._under_input_dir(src)
+        ident = under.as_posix() if under is not None else src.name
         if self._rle_ids.setdefault(ident, path) != path:
             ident = self._name(path) + src.suffix
         return ident

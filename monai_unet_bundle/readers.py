@@ -15,15 +15,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from monai.config import PathLike
 from monai.data import NibabelReader, PILReader
 from monai.utils import ensure_tuple
 
-from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.errors import BundleInputError, short_reason
 
-__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader", "inspect_image"]
+__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader", "inspect_image", "unreadable_reason"]
 
 PIL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -125,3 +126,9 @@ def inspect_image(path: str) -> tuple[tuple[int, int], str]:
     with Image.open(path) as img:
         img.load()  # decode fully: a truncated file must show up here, not in the middle of training
         return (img.height, img.width), img.mode
+
+
+def unreadable_reason(path: str | Path, exc: BaseException) -> str:
+    """Why ``path`` could not be read, in a few words: ``empty file``, or the error's first line."""
+    file = Path(path)
+    return "empty file" if file.is_file() and file.stat().st_size == 0 else short_reason(exc)
