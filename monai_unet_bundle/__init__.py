@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from monai_unet_bundle.errors import BundleInputError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["BundleInputError", "__version__"]
 

@@ -170,7 +170,8 @@ def checked_datalists(
         problems.insert(0, str(exc))
     to_index = getattr(mask_to_index, "converter", mask_to_index) or MaskToIndex(num_classes)
     items = [d for section in lists.values() for d in section]
-    fingerprint_ = fingerprint([f for d in items for f in d.values()], _settings_key(source, lists, to_index, spatial_size, in_channels))
+    files = [d[k] for d in items for k in ("image", "label") if d.get(k)]
+    fingerprint_ = fingerprint(files, _settings_key(source, lists, to_index, spatial_size, in_channels))
     report_file = Path(report_path) if report_path else None
     if not problems:
         cached = _cached_summary(report_file, fingerprint_)
@@ -198,6 +199,8 @@ def checked_datalists(
         "dataset_dir": str(source.dataset_dir),
         "datalist": str(source.datalist) if source.datalist else None,
         "counts": {k: len(v) for k, v in lists.items()},
+        # groups (patients) keep their images on one side of the split; DICOM groups are hashes, never the identifier
+        "groups": len({d.get("group") or d["image"] for d in items}),
         "image_size": {
             "min_height_width": [min(scan.heights), min(scan.widths)] if scan.heights else None,
             "max_height_width": [max(scan.heights), max(scan.widths)] if scan.heights else None,

@@ -13,11 +13,13 @@ import json
 import os
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monai_unet_bundle.dicom import DICOM_SUFFIXES, dicom_group, expand_frames, is_dicom, seg_references, sop_instance_uid, split_frame
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image, unreadable_reason
 from monai_unet_bundle.transforms import channel_conversion_note
@@ -27,7 +29,9 @@ __all__ = [
     "DataSource",
     "build_datalists",
     "InputScan",
+    "assign_groups",
     "find_pairs",
+    "group_leaks",
     "fingerprint",
     "discover_datalists",
     "evaluation_items",
@@ -42,17 +46,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: every file extension the bundle reads (matched case-insensitively)
-IMAGE_EXTENSIONS: tuple[str, ...] = (*PIL_SUFFIXES, *NIFTI_SUFFIXES)
+IMAGE_EXTENSIONS: tuple[str, ...] = (*PIL_SUFFIXES, *NIFTI_SUFFIXES, *DICOM_SUFFIXES)
+
+
+def _stem_and_extension(path: str | Path) -> tuple[str, str]:
+    """``("a", ".nii.gz")`` for ``a.nii.gz``; a name with no image extension (a DICOM file named by
+    number or UID) is all stem; frame ``k`` of a multi-frame file (``clip.dcm#k``) is ``clip_frame<k>``."""
+    file, frame = split_frame(path)
+    name = Path(file).name
+    lower = name.lower()
+    stem, ext = name, ""
+    for candidate in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(candidate):
+            stem, ext = name[: -len(candidate)], name[-len(candidate):]
+            break
+    return (f"{stem}_frame{frame}" if frame is not None else stem), ext
 
 
 def file_stem(path: str | Path) -> str:
-    """Return the file name without its image extension (``a.nii.gz`` -> ``a``, ``b.PNG`` -> ``b``)."""
-    name = Path(path).name
-    lower = name.lower()
-    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+    """The file name without its image extension (``a.nii.gz`` -> ``a``, ``b.PNG`` -> ``b``, ``IM0001`` -> ``IM0001``).
+
+    Frame ``k`` of a multi-frame DICOM file (``clip.dcm#k``) is ``clip_frame<k>``: its outputs are
+    named so, and a PNG mask named so pairs with it.
+    """
+    return _stem_and_extension(path)[0]
 
 
 def fingerprint(paths: Sequence[str], settings: object = None) -> str:
@@ -63,7 +80,7 @@ def fingerprint(paths: Sequence[str], settings: object = None) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in sorted(set(map(str, paths))):
         try:
-            st = os.stat(path)
+            st = os.stat(split_frame(path)[0])
             h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{path}|missing\n".encode())
@@ -71,11 +88,16 @@ def fingerprint(paths: Sequence[str], settings: object = None) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
+    """An image file: a known image extension, or DICOM by its marker (PACS exports often have no suffix)."""
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    return path.name.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
+def _image_files(folder: Path, frames: bool = False) -> list[Path]:
+    """Every image file under ``folder``; with ``frames``, a multi-frame DICOM file gives one ``file#k`` path per frame."""
+    files = sorted(p for p in folder.rglob("*") if _is_image(p))
+    return [Path(f) for p in files for f in expand_frames(p)] if frames else files
 
 
 def find_pairs(
@@ -103,7 +125,7 @@ def find_pairs(
                 f"dataset_dir {str(root)!r} has no '{folder.name}/' folder: put the images in "
                 f"'{images_dir}' and the masks in '{masks_dir}', or pass --datalist."
             )
-    images = _image_files(images_dir)
+    images = _image_files(images_dir, frames=True)
     if not images:
         raise BundleInputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {str(images_dir)!r}.")
     masks: dict[str, Path] = {}
@@ -117,15 +139,57 @@ def find_pairs(
             stem = stem[: -len("_mask")]
         masks[(rel / stem).as_posix()] = mask
     pairs, missing, used = [], [], set()
+    segs = _SegMasks(masks)
     for image in images:
         key = (image.relative_to(images_dir).parent / file_stem(image)).as_posix()
         if key in masks:
             pairs.append({"image": str(image), "label": str(masks[key])})
             used.add(masks[key])
+        elif (found := segs.for_image(image, images_dir)) is not None:
+            seg, label = found
+            pairs.append({"image": str(image), "label": label})
+            used.add(seg)
         else:
             missing.append(image.relative_to(root).as_posix())
     orphans = sorted({m.relative_to(root).as_posix() for m in masks.values() if m not in used})
     return pairs, missing, orphans
+
+
+class _SegMasks:
+    """Finds the DICOM Segmentation that is the mask of a DICOM image without a mask of its stem.
+
+    A Segmentation named like the file (``clip.dcm`` for every frame of ``clip.dcm``), else one
+    that references the image's SOPInstanceUID; the label is ``seg#k`` for frame ``k`` of a
+    multi-frame image (the reader then takes the SEG frames that reference source frame ``k``).
+    """
+
+    def __init__(self, masks: dict[str, Path]) -> None:
+        self.masks = masks
+        self._by_uid: dict[tuple[str, int | None], Path] | None = None
+        self.any_dicom = any(is_dicom(m) for m in set(masks.values()))
+
+    def _index(self) -> dict[tuple[str, int | None], Path]:
+        """(SOP instance UID, frame or None) -> the Segmentation that references it."""
+        if self._by_uid is None:
+            self._by_uid = {}
+            for mask in sorted(set(self.masks.values())):
+                for reference in seg_references(mask) or ():
+                    self._by_uid.setdefault(reference, mask)
+        return self._by_uid
+
+    def for_image(self, image: Path, images_dir: Path) -> tuple[Path, str] | None:
+        """``(seg file, label)`` for ``image``, or None."""
+        file, frame = split_frame(image)
+        if not is_dicom(file):
+            return None
+        key = (Path(file).relative_to(images_dir).parent / file_stem(file)).as_posix()
+        seg = self.masks.get(key)
+        if seg is None or seg_references(seg) is None:
+            uid = sop_instance_uid(file) if self.any_dicom else None
+            seg = (self._index().get((uid, frame)) or self._index().get((uid, None))) if uid else None
+        if seg is None:
+            return None
+        return seg, f"{seg}#{frame}" if frame is not None else str(seg)
 
 
 def _listing(items: Sequence[str], limit: int = 5) -> str:
@@ -144,13 +208,17 @@ def missing_masks_message(images_dir: str | Path, masks_dir: str | Path, missing
 def split_pairs(
     pairs: Sequence[dict[str, str]], val_fraction: float, seed: int = 0
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Split pairs deterministically into training and validation lists.
+    """Split pairs deterministically into training and validation lists, keeping each group on one side.
 
-    The order is shuffled with ``random.Random(seed)``, so the same files and seed always give the
-    same split, and the validation part holds ``round(n * val_fraction)`` items, at least one.
+    Pairs with the same ``group`` value (a patient; see :func:`assign_groups`) always land on the
+    same side; a pair without one is a group of its own.  The groups are shuffled with
+    ``random.Random(seed)`` (in the order of their first image), so the same files and seed always
+    give the same split, and whole groups go to validation until it holds ``round(n * val_fraction)``
+    pairs (at least one, and never every group).
 
     Raises:
-        BundleInputError: when ``val_fraction`` is outside (0, 1) or there are fewer than 2 pairs.
+        BundleInputError: when ``val_fraction`` is outside (0, 1), there are fewer than 2 pairs, or
+            all pairs form one group.
     """
     try:
         fraction = float(val_fraction)
@@ -163,14 +231,94 @@ def split_pairs(
             f"found {len(pairs)} image/mask pair(s) and no validation list, so the validation split would be empty and no "
             f"model could ever be saved: add pairs (at least 2), or give validation pairs with --val_dataset_dir or a datalist."
         )
-    order = sorted(pairs, key=lambda d: d["image"])
+    groups: dict[str, list[dict[str, str]]] = {}
+    for pair in sorted(pairs, key=lambda d: d["image"]):
+        groups.setdefault(pair.get("group") or f"\0{pair['image']}", []).append(pair)
+    if len(groups) < 2:
+        raise BundleInputError(
+            f"all {len(pairs)} pairs belong to one group ({_shown_group(next(iter(groups)))}), so a validation split would "
+            f"put one patient on both sides: add images of other groups, or give validation pairs with --val_dataset_dir or a datalist."
+        )
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(len(order) * fraction)))
-    return order[n_val:], order[:n_val]
+    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * fraction)))
+    validation: list[dict[str, str]] = []
+    taken = 0
+    while len(validation) < n_val and taken < len(order) - 1:
+        validation += order[taken]
+        taken += 1
+    return [p for group in order[taken:] for p in group], validation
+
+
+def _shown_group(group: str) -> str:
+    return f"image {group[1:]}" if group.startswith("\0") else f"group {group!r}"
+
+
+def assign_groups(items: Sequence[dict[str, str]], group_pattern: str | None = None) -> list[str]:
+    """Give every item without a ``group`` one, in place: from ``group_pattern``, else from DICOM headers.
+
+    * ``group_pattern``: a regular expression searched in the image's file name; its first group
+      (or the whole match when it has none) is the group, e.g. ``^(P\\d+)_`` for ``P012_left.png``.
+    * DICOM images: a hash of PatientID (else StudyInstanceUID), so that one patient's images stay
+      together and the identifier itself appears nowhere (see :func:`~monai_unet_bundle.dicom.dicom_group`).
+
+    A ``group`` given by the datalist wins.  Items that get none stay groups of their own.
+
+    Returns:
+        Sentences about file names the pattern does not match (warnings).
+
+    Raises:
+        BundleInputError: when ``group_pattern`` is not a valid regular expression.
+    """
+    pattern = None
+    if group_pattern:
+        try:
+            pattern = re.compile(group_pattern)
+        except re.error as exc:
+            raise BundleInputError(f"group_pattern {group_pattern!r} is not a valid regular expression ({exc}): pass e.g. --group_pattern '^(P\\d+)_'.") from None
+    unmatched: list[str] = []
+    for item in items:
+        if item.get("group"):
+            continue
+        if pattern is not None:
+            found = pattern.search(Path(split_frame(item["image"])[0]).name)
+            if found:
+                item["group"] = found.group(1) if pattern.groups else found.group(0)
+                continue
+            unmatched.append(Path(item["image"]).name)
+        if is_dicom(item["image"]):
+            try:
+                group = dicom_group(item["image"])
+            except Exception:  # an unreadable file is reported by the data check
+                group = None
+            if group:
+                item["group"] = group
+    warnings = []
+    if unmatched:
+        warnings.append(f"group_pattern {group_pattern!r} matches no part of {len(unmatched)} file name(s), which are each a group of their own: {_listing(unmatched)}.")
+    return warnings
+
+
+def group_leaks(lists: dict[str, list[dict[str, str]]]) -> list[str]:
+    """One sentence per group that the lists place on more than one side (training, validation, test)."""
+    sides: dict[str, dict[str, list[str]]] = {}
+    for section, items in lists.items():
+        for item in items:
+            if item.get("group"):
+                sides.setdefault(item["group"], {}).setdefault(section, []).append(item["image"])
+    problems = []
+    for group, where in sorted(sides.items()):
+        if len(where) > 1:
+            listing = "; ".join(f"{k}: {_listing(v, 2)}" for k, v in where.items())
+            problems.append(
+                f"group {group!r} (one patient or source) has images on {len(where)} sides ({listing}), which leaks it into the "
+                f"score: put all of its images in one list."
+            )
+    return problems
 
 
 def _read_csv_datalist(path: Path, require_label: bool = True) -> dict[str, list[dict[str, str]]]:
-    """A CSV with an ``image`` column, a ``label`` column and optionally ``split`` (training/validation/test).
+    """A CSV with an ``image`` column, a ``label`` column and optionally ``split`` (training/validation/test) and ``group``.
 
     Args:
         path: the CSV file.
@@ -203,6 +351,8 @@ def _read_csv_datalist(path: Path, require_label: bool = True) -> dict[str, list
             entry["label"] = row["label"]
         elif require_label and split != "test":
             raise BundleInputError(f"datalist {str(path)!r} line {i}: the 'label' cell is empty; every {split} row needs a mask file.")
+        if row.get("group"):
+            entry["group"] = row["group"]
         content.setdefault(split, []).append(entry)
     return content
 
@@ -235,9 +385,11 @@ def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[
             for key in ("image", "label"):
                 if key in item:
                     file = Path(item[key]) if Path(item[key]).is_absolute() else base_dir / item[key]
-                    if not file.is_file():
+                    if not Path(split_frame(file)[0]).is_file():
                         raise BundleInputError(f"datalist {str(path)!r}: '{section}' item {i} names {str(file)!r}, which does not exist.")
                     entry[key] = str(file)
+            if item.get("group") not in (None, ""):
+                entry["group"] = str(item["group"])
             resolved.append(entry)
         out[section] = resolved
     return out
@@ -256,6 +408,8 @@ class DataSource:
         mask_suffix: see :func:`find_pairs`.
         val_dataset_dir: a separate folder with ``images/`` and ``masks/`` for validation; then
             ``dataset_dir`` is used for training only and nothing is split.
+        group_pattern: a regular expression searched in each image's file name whose first group
+            names the image's group (e.g. a patient id); see :func:`assign_groups`.
     """
 
     dataset_dir: str | Path
@@ -264,6 +418,7 @@ class DataSource:
     seed: int = 0
     mask_suffix: str = ""
     val_dataset_dir: str | Path | None = None
+    group_pattern: str | None = None
 
 
 def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str]]], list[str], list[str]]:
@@ -317,6 +472,11 @@ def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str
             if orphans:
                 warnings.append(f"{len(orphans)} mask(s) in {str(Path(folder) / 'masks')!r} have no image and are ignored: {_listing(orphans)}.")
             lists[key] = pairs
+    try:
+        warnings += assign_groups([d for section in lists.values() for d in section], source.group_pattern)
+    except BundleInputError as exc:
+        problems.append(str(exc))
+    problems += group_leaks(lists)
     if not lists.get("validation"):
         try:
             lists["training"], lists["validation"] = split_pairs(lists["training"], source.val_fraction, source.seed)
@@ -437,8 +597,8 @@ def output_names(paths: Sequence[str | Path], input_dir: str | Path | None = Non
                 parent = src.resolve().parent.relative_to(root)
             except ValueError:
                 parent = Path()
-        stem = file_stem(src)
-        ext = src.name[len(stem):].lstrip(".").replace(".", "_").lower()
+        stem, ext = _stem_and_extension(src)
+        ext = ext.lstrip(".").replace(".", "_").lower()
         candidates = [stem, f"{stem}_{ext}"] + [f"{stem}_{ext}_{i}" for i in range(2, len(paths) + 2)]
         for candidate in candidates:
             name = (parent / candidate).as_posix()
@@ -502,7 +662,7 @@ def _files_from(input_files: str | Sequence[str], base: Path) -> list[Path]:
     seen: set[Path] = set()
     for name in names:
         candidates = [Path(name)] if Path(name).is_absolute() else [b / name for b in bases]
-        path = next((c for c in candidates if c.exists()), candidates[0])
+        path = next((c for c in candidates if Path(split_frame(c)[0]).exists()), candidates[0])
         if path.resolve() not in seen:  # a file named twice is predicted once
             seen.add(path.resolve())
             paths.append(path)
@@ -545,14 +705,17 @@ def scan_inputs(
     out = Path(output_dir).resolve() if output_dir is not None else None
     # earlier predictions written into a sub-folder of input_dir are not inputs
     exclude = out if out is not None and folder.is_dir() and folder.resolve() in out.parents else None
-    candidates = _image_files(folder) if input_files is None else _files_from(input_files, folder)
+    if input_files is None:
+        candidates = _image_files(folder, frames=True)
+    else:  # a multi-frame file named without a frame stands for all its frames
+        candidates = [Path(f) for p in _files_from(input_files, folder) for f in expand_frames(p)]
     scan = InputScan(input_dir=str(folder) if input_files is None else "")
     readable: list[Path] = []
     modes: Counter[str] = Counter()
     for path in candidates:
         if exclude is not None and exclude in path.resolve().parents:
             continue
-        reason, mode = ("file not found", "") if not path.is_file() else _readable(path)
+        reason, mode = ("file not found", "") if not Path(split_frame(path)[0]).is_file() else _readable(path)
         if reason is None:
             readable.append(path)
             modes[mode] += 1

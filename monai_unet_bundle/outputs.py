@@ -26,12 +26,15 @@ from PIL import Image
 from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.curves import PALETTE, overlay
 from monai_unet_bundle.data import InputScan, file_stem
+from monai_unet_bundle.dicom import is_dicom, pixel_spacing, read_header, split_frame
+from monai_unet_bundle.dicom_seg import require_highdicom
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.optional import available
 from monai_unet_bundle.settings import flag
-from monai_unet_bundle.readers import NIFTI_SUFFIXES, Image2DReader, Nifti2DReader
+from monai_unet_bundle.readers import NIFTI_SUFFIXES, Auto2DReader
 from monai_unet_bundle.rle import _order, rle_encode
 from monai_unet_bundle.transforms import item_source
+from monai_unet_bundle.writers import mask_suffixes
 
 __all__ = ["SUMMARY_NAME", "InferenceOutputs"]
 
@@ -59,7 +62,7 @@ def _previous_outputs(summary_path: Path) -> set[Path]:
     for record in summary.get("written") or []:
         if not isinstance(record, dict):
             continue
-        for key in ("mask", "colour", "overlay"):
+        for key in ("mask", "dicom_seg", "colour", "overlay"):
             if isinstance(record.get(key), str):
                 files.add(record[key])
         files.update(p for p in record.get("probabilities") or [] if isinstance(p, str))
@@ -86,6 +89,7 @@ class InferenceOutputs:
             path is used as given, a relative one is taken relative to ``output_dir``.
         rle_order: ``row`` or ``column`` pixel order of the RLE.
         class_names: names used in probability file names.
+        output_format: what DICOM inputs get (see :func:`~monai_unet_bundle.writers.mask_suffixes`).
 
     Raises:
         BundleInputError: when ``rle_csv`` does not end in ``.csv`` or names a folder, or when a file
@@ -104,8 +108,10 @@ class InferenceOutputs:
         rle_csv: str | None = None,
         rle_order: str = "row",
         class_names: list[str] | None = None,
+        output_format: str = "auto",
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.output_format = output_format
         self.num_classes = int(num_classes)
         self.scan = scan or InputScan()
         self.overlays = flag(overlays, "save_overlays")
@@ -126,6 +132,8 @@ class InferenceOutputs:
         self._earlier: list[str] = []
         self._ours = _previous_outputs(self.output_dir / SUMMARY_NAME)
         self._protect_existing_files()
+        if any(p.suffix == ".dcm" for p in self.planned_files()):
+            require_highdicom()
 
     def _rle_path(self, rle_csv: str | Path | None) -> Path | None:
         if rle_csv is None or str(rle_csv).strip() == "":
@@ -149,7 +157,7 @@ class InferenceOutputs:
             files.append(self.rle_csv)
         for item in self.scan.items:
             name = self._name(item["image"])
-            files.append(self.output_dir / (name + (".nii.gz" if item["image"].lower().endswith(NIFTI_SUFFIXES) else ".png")))
+            files += [self.output_dir / (name + suffix) for suffix in mask_suffixes(item["image"], self.output_format)]
             if self.colour_masks:
                 files.append(self.output_dir / "colour" / (name + ".png"))
             if self.overlays:
@@ -160,7 +168,7 @@ class InferenceOutputs:
 
     def _protect_existing_files(self) -> None:
         """Refuse to overwrite any file that an earlier inference run into ``output_dir`` did not write."""
-        inputs = {Path(item["image"]).resolve() for item in self.scan.items}
+        inputs = {Path(split_frame(item["image"])[0]).resolve() for item in self.scan.items}
         clashes = []
         for path in self.planned_files():
             resolved = path.resolve()
@@ -218,14 +226,14 @@ class InferenceOutputs:
         return Path(self._name(path) + suffix)
 
     def _load_rgb(self, path: str) -> np.ndarray:
-        if not path.lower().endswith(NIFTI_SUFFIXES):
+        if not path.lower().endswith(NIFTI_SUFFIXES) and not is_dicom(path):
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))
         from monai.transforms import LoadImage
 
         from monai_unet_bundle.transforms import EnsureChannelsd
 
-        img = LoadImage(reader=[Nifti2DReader(), Image2DReader(kind="image")], image_only=True, ensure_channel_first=True)(path)
+        img = LoadImage(reader=Auto2DReader(kind="image"), image_only=True, ensure_channel_first=True)(path)
         img = EnsureChannelsd("image", 3).convert(img).float()
         lo, hi = float(img.min()), float(img.max())
         arr = np.asarray((img - lo) / (hi - lo) if hi > lo else img * 0)
@@ -245,9 +253,14 @@ class InferenceOutputs:
             index = np.asarray(pred[0] if pred.ndim == 3 else pred).astype(np.int64)
             index = _hw(index, path)
             record: dict[str, Any] = {"image": path}
-            saved = (getattr(item["pred"], "meta", None) or {}).get("saved_to")
-            if saved:
-                record["mask"] = str(saved)
+            meta = getattr(item["pred"], "meta", None) or {}
+            if meta.get("saved_to"):
+                record["mask"] = str(meta["saved_to"])
+            if meta.get("dicom_seg"):
+                record["dicom_seg"] = str(meta["dicom_seg"])
+            if is_dicom(path):
+                spacing = pixel_spacing(read_header(path))
+                record["pixel_spacing_mm"] = list(spacing) if spacing else None
             if self.colour_masks:
                 record["colour"] = self._save_png(PALETTE[np.clip(index, 0, len(PALETTE) - 1)], Path("colour") / self._relative(path, ".png"))
             if self.overlays:

@@ -9,6 +9,9 @@
   singleton axis is squeezed to 2D, with the affine's columns reordered so every pixel keeps its
   world position; anything else 3D is refused with a clear message.
 
+* :class:`~monai_unet_bundle.dicom.DicomReader` (in :mod:`monai_unet_bundle.dicom`) reads 2D DICOM
+  images, frames of multi-frame files and DICOM Segmentation masks.
+
 ``LoadImaged`` keeps MONAI's default readers behind these, as a fallback.
 """
 
@@ -19,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 from monai.config import PathLike
-from monai.data import NibabelReader, PILReader
+from monai.data import ImageReader, NibabelReader, PILReader
 from monai.utils import ensure_tuple
 
+from monai_unet_bundle.dicom import DicomReader, inspect_dicom, is_dicom
 from monai_unet_bundle.errors import BundleInputError, short_reason
 
-__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Image2DReader", "Nifti2DReader", "inspect_image", "unreadable_reason"]
+__all__ = ["NIFTI_SUFFIXES", "PIL_SUFFIXES", "Auto2DReader", "Image2DReader", "Nifti2DReader", "inspect_image", "unreadable_reason"]
 
 PIL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -111,8 +115,11 @@ def inspect_image(path: str) -> tuple[tuple[int, int], str]:
     """Return ``((height, width), mode)`` of a 2D image file, or raise why it cannot be read as one.
 
     PIL images are decoded fully, so a truncated file shows up here and not in the middle of a
-    run; NIfTI files are checked from their header (a 2D slice, or 3D with one axis of size 1).
+    run; NIfTI files are checked from their header (a 2D slice, or 3D with one axis of size 1);
+    DICOM files (and ``file#frame`` frames) are decoded, and their mode is ``"DICOM <photometric>"``.
     """
+    if is_dicom(path):
+        return inspect_dicom(path)
     if path.lower().endswith(NIFTI_SUFFIXES):
         import nibabel
 
@@ -131,4 +138,49 @@ def inspect_image(path: str) -> tuple[tuple[int, int], str]:
 def unreadable_reason(path: str | Path, exc: BaseException) -> str:
     """Why ``path`` could not be read, in a few words: ``empty file``, or the error's first line."""
     file = Path(path)
-    return "empty file" if file.is_file() and file.stat().st_size == 0 else short_reason(exc)
+    if file.is_file() and file.stat().st_size == 0:
+        return "empty file"
+    if isinstance(exc, BundleInputError):  # the bundle's own reasons are one sentence, naming the file first
+        text = str(exc)
+        return (text[len(str(path)):].strip(" :") if text.startswith(str(path)) else text).rstrip(".")
+    return short_reason(exc)
+
+
+class Auto2DReader(ImageReader):
+    """One reader for every format the bundle takes: DICOM, NIfTI, or anything Pillow opens, chosen per file.
+
+    MONAI's ``LoadImage`` tries a list of user readers one after another and logs each failure;
+    choosing by file name (and, for DICOM without a suffix, by its marker) reads every file with
+    the right reader at the first try and keeps the logs quiet.
+
+    Args:
+        kind: ``"image"`` or ``"mask"`` (see :class:`Image2DReader` and
+            :class:`~monai_unet_bundle.dicom.DicomReader`).
+        palette_to_rgb: for masks, turn palette images into RGB colours (used with a colour palette).
+    """
+
+    def __init__(self, kind: str = "image", palette_to_rgb: bool = False) -> None:
+        super().__init__()
+        self.readers: list[ImageReader] = [
+            DicomReader(kind=kind), Nifti2DReader(), Image2DReader(kind=kind, palette_to_rgb=palette_to_rgb)
+        ]
+
+    def _reader_for(self, filename: Sequence[PathLike] | PathLike) -> ImageReader:
+        # Pillow also opens image files whose suffix it does not list, so it is the last resort
+        return next((r for r in self.readers[:2] if r.verify_suffix(filename)), self.readers[2])
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """Whether one of the bundle's readers claims every file (DICOM, NIfTI or a Pillow format)."""
+        return any(r.verify_suffix(filename) for r in self.readers)
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs):
+        """Read with the reader the file names call for; returns ``(reader, what it read)``."""
+        reader = self._reader_for(data)
+        if isinstance(reader, Nifti2DReader):
+            reader.filenames = ensure_tuple(data)
+        return reader, reader.read(data, **kwargs)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """The array and metadata, from the reader that read ``img``."""
+        reader, raw = img
+        return reader.get_data(raw)

@@ -16,6 +16,7 @@ with the README's settings tables.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,18 @@ def _text(value: Any, _: Mapping[str, Any]) -> str | None:
     return None if isinstance(value, str) else "text"
 
 
+def _regex(value: Any, _: Mapping[str, Any]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
+        try:
+            re.compile(value)
+            return None
+        except re.error as exc:
+            return f"null or a valid regular expression ({exc}) whose first group names the group, e.g. '^(P\\d+)_'"
+    return "null or a regular expression whose first group names the group, e.g. '^(P\\d+)_'"
+
+
 #: every top-level setting this module checks, by its command-line name
 SETTINGS: dict[str, Check] = {
     # data
@@ -207,6 +220,7 @@ SETTINGS: dict[str, Check] = {
     "mask_suffix": _text,
     "allow_lossy_masks": _boolean,
     "val_fraction": _fraction,
+    "group_pattern": _regex,
     "seed": _seed,
     "num_classes": _num_classes,
     "class_names": _class_names,
@@ -254,6 +268,7 @@ SETTINGS: dict[str, Check] = {
     "save_probabilities": _boolean,
     "rle_csv": _optional_csv,
     "rle_order": _choice("row", "column"),
+    "output_format": _choice("auto", "png", "dicom_seg", "png+dicom_seg"),
 }
 
 

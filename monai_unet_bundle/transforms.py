@@ -19,8 +19,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, Transform
 
+from monai_unet_bundle.dicom import channel_count
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.readers import Image2DReader, Nifti2DReader
+from monai_unet_bundle.readers import Auto2DReader
 from monai_unet_bundle.settings import flag
 
 __all__ = [
@@ -57,8 +58,7 @@ def item_source(item: Mapping, keys: Sequence[str] = ("image", "label", "pred"))
 
 def mask_loader(palette_to_rgb: bool = False) -> LoadImage:
     """A channel-first ``LoadImage`` for masks, with the bundle's readers."""
-    readers = [Nifti2DReader(), Image2DReader(kind="mask", palette_to_rgb=palette_to_rgb)]
-    return LoadImage(reader=readers, image_only=True, ensure_channel_first=True)
+    return LoadImage(reader=Auto2DReader(kind="mask", palette_to_rgb=palette_to_rgb), image_only=True, ensure_channel_first=True)
 
 
 def _to_luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,11 @@ def mode_channels(mode: str) -> int:
     """The channel count (alpha not counted) of an image of Pillow ``mode`` as the readers load it.
 
     Palette images count as RGB (the image reader expands them); NIfTI slices (``"NIfTI ..."``)
-    and 1-bit, 8-bit, 16-bit and float grayscale modes count as one channel.
+    and 1-bit, 8-bit, 16-bit and float grayscale modes count as one channel; DICOM modes
+    (``"DICOM RGB"``, ``"DICOM MONOCHROME1"``) by their photometric interpretation.
     """
+    if mode.startswith("DICOM"):
+        return channel_count(mode)
     return 3 if mode.split(" ")[0] in _COLOUR_MODES else 1
 
 

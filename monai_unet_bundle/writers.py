@@ -1,15 +1,16 @@
 """Writing predicted masks next to nothing else: same stem, original size, viewer-friendly values.
 
 :class:`SaveMaskd` is MONAI's ``SaveImaged`` (so MONAI Label, which drops ``SaveImaged`` from an
-inference pipeline, drops it too) that picks the format from the input file: NIfTI inputs give
-NIfTI masks of the input's own shape (a 3D slice stays 3D) and affine, every 2D image format gives
-a lossless PNG.  Binary PNG
-masks are written 0/255 so they are visible in any viewer; multiclass masks keep class indices.
+inference pipeline, drops it too) that picks the format from the input file and ``output_format``
+(see :func:`mask_suffixes`): NIfTI inputs give NIfTI masks of the input's own shape (a 3D slice
+stays 3D) and affine, DICOM inputs a DICOM Segmentation (and/or a PNG), every other 2D format a
+lossless PNG.  Binary PNG masks are written 0/255 so they are visible in any viewer; multiclass
+masks keep class indices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,34 @@ import torch
 from monai.config import KeysCollection, PathLike
 from monai.transforms import SaveImaged
 
+from monai_unet_bundle.data import file_stem
+from monai_unet_bundle.dicom import is_dicom
 from monai_unet_bundle.transforms import source_name
 
-__all__ = ["SaveMaskd", "is_nifti", "save_nifti_like"]
+__all__ = ["OUTPUT_FORMATS", "SaveMaskd", "is_nifti", "mask_suffixes", "save_nifti_like"]
+
+#: the values of ``output_format``
+OUTPUT_FORMATS: tuple[str, ...] = ("auto", "png", "dicom_seg", "png+dicom_seg")
 
 
 def is_nifti(path: str | PathLike) -> bool:
     """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
     return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
+def mask_suffixes(source: str | PathLike, output_format: str = "auto") -> tuple[str, ...]:
+    """The mask files written for ``source``, by suffix: ``(".nii.gz",)``, ``(".png",)``, ``(".dcm",)`` or both of the last.
+
+    NIfTI inputs always give NIfTI masks and non-DICOM 2D images PNG masks; for DICOM inputs,
+    ``auto`` and ``dicom_seg`` write a DICOM Segmentation, ``png`` a PNG, ``png+dicom_seg`` both.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    if is_nifti(source):
+        return (".nii.gz",)
+    if not is_dicom(source):
+        return (".png",)
+    return {"auto": (".dcm",), "dicom_seg": (".dcm",), "png": (".png",), "png+dicom_seg": (".png", ".dcm")}[output_format]
 
 
 class SaveMaskd(SaveImaged):
@@ -41,6 +62,8 @@ class SaveMaskd(SaveImaged):
         name_key: the item key holding the output name chosen by
             :func:`monai_unet_bundle.data.scan_inputs` (sub-folder and stem, no extension, distinct for
             every input); when an item has none, the name comes from ``data_root_dir`` and the stem.
+        output_format: what DICOM inputs get (see :func:`mask_suffixes`).
+        class_names: segment names of the DICOM Segmentations, background first.
     """
 
     def __init__(
@@ -51,6 +74,8 @@ class SaveMaskd(SaveImaged):
         data_root_dir: PathLike = "",
         print_log: bool = False,
         name_key: str = "output_name",
+        output_format: str = "png",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         common = {
             "output_dir": output_dir,
@@ -68,6 +93,10 @@ class SaveMaskd(SaveImaged):
         self.num_classes = num_classes
         self.output_dir = Path(output_dir)
         self.name_key = name_key
+        mask_suffixes("", output_format)  # refuses an unknown format now, not at the first DICOM input
+        self.output_format = output_format
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self._seg_writer = None
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -79,11 +108,30 @@ class SaveMaskd(SaveImaged):
             if isinstance(name, str) and name:
                 target = self.output_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-            if is_nifti(source) and Path(source).is_file():
+            suffixes = mask_suffixes(source, self.output_format)
+            if ".nii.gz" in suffixes and Path(source).is_file():
                 save_nifti_like(mask, source, target if target is not None else self.output_dir / _nifti_stem(source))
-            else:
+                continue
+            if target is None and is_dicom(source):
+                target = self.output_dir / file_stem(source)
+            if ".dcm" in suffixes:
+                self._write_seg(mask, source, target)
+            if ".png" in suffixes:
                 self.saver(mask.to(torch.uint8) if self.num_classes != 2 else mask, filename=None if target is None else str(target))
         return d
+
+    def _write_seg(self, mask: torch.Tensor, source: str, target: Path) -> None:
+        """Write the DICOM Segmentation of a (1, width, height) mask; its path goes to ``dicom_seg`` in the metadata."""
+        from monai_unet_bundle.dicom_seg import DicomSegWriter
+
+        if self._seg_writer is None:
+            self._seg_writer = DicomSegWriter(self.class_names)
+        array = np.asarray(torch.as_tensor(mask).detach().cpu())
+        array = (array[0] if array.ndim == 3 else array).T  # width x height -> rows x columns
+        path = self._seg_writer.write(np.rint(array).astype(np.uint8), source, target)
+        meta = getattr(mask, "meta", None)
+        if isinstance(meta, dict):
+            meta["dicom_seg"] = path
 
 
 def _nifti_stem(path: str) -> str:

@@ -11,14 +11,14 @@ MONAI Label needs from us: a 2D model, the label names from the metadata, a clas
 
 The second half starts the real server (``monailabel start_server`` on 127.0.0.1, a free port) over an
 app written by ``scripts/package_bundle.py --app`` and drives it over HTTP with the README's commands:
-``/info/``, ``/infer`` on PNG, JPEG and NIfTI with every option the annotator can choose,
+``/info/``, ``/infer`` on PNG, JPEG, NIfTI and DICOM with every option the annotator can choose,
 ``/datastore/label``, ``/train`` and epistemic (Monte Carlo dropout) active learning; the server is
 stopped by its process id at the end, whatever happens.
 
 It must run where ``monai_unet_bundle`` is NOT installed (scripts/test_monailabel.sh makes such a
 venv): the package is only importable from inside the packaged folder, which proves that it travels
 with the bundle.  Only monai, monailabel, torch, numpy, PIL, nibabel, requests (MONAI Label's) and the
-standard library are imported.
+standard library are imported (and pydicom, MONAI Label's own, to write a DICOM upload).
 """
 
 from __future__ import annotations
@@ -650,6 +650,45 @@ def test_server_infers_png_jpeg_and_nifti_at_their_size_and_orientation(server: 
     np.testing.assert_allclose(nibabel.load(walk / "result.nii.gz").affine, affine, atol=1e-6)
     assert set(np.unique(label).tolist()) == {0, 1}
     assert _dice(label == 1, disk) > 0.9, "the NIfTI label is not on its disk in the slice's own index order"
+
+
+def _write_dicom_disk(path: Path, size: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    """A 16-bit MONOCHROME1 X-ray-like DICOM file (no suffix needed) with a dark disk, bright once inverted; returns the disk."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    stored = np.where(disk, 300, 3000).astype(np.uint16)  # MONOCHROME1: low values are bright
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "ANON", "CR"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = h, w, 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = stored.tobytes()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:  # MONAI Label 0.8.5 pins pydicom 2.4
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(str(path), write_like_original=False)
+    return disk
+
+
+def test_server_infers_a_dicom_image_as_a_label_map(server: dict) -> None:
+    """/infer on an uploaded DICOM (MONOCHROME1, read with MONAI Label's own pydicom): a 0/1 map at rows x columns, on the disk."""
+    dicom = server["walk"] / "upload.dcm"
+    disk = _write_dicom_disk(dicom, (42, 56), (14.0, 38.0), 9.0)
+    label = _infer(server, upload=dicom, model_filename="probe.pt", input_size=64, result_extension=".png")
+    assert label.shape == (42, 56) and set(np.unique(label).tolist()) == {0, 1}
+    assert _dice(label == 1, disk) > 0.9, "the DICOM's mask is not on its disk (not inverted, flipped or transposed?)"
 
 
 def test_server_honours_the_inference_options(server: dict) -> None:
