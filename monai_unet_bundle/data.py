@@ -19,7 +19,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monai_unet_bundle.dicom import DICOM_SUFFIXES, dicom_group, expand_frames, is_dicom, seg_references, sop_instance_uid, split_frame
+from monai_unet_bundle.dicom import (
+    DICOM_GROUP_PREFIXES,
+    DICOM_SUFFIXES,
+    dicom_group,
+    expand_frames,
+    frame_name,
+    is_dicom,
+    seg_references,
+    sop_instance_uid,
+    split_frame,
+)
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, PIL_SUFFIXES, inspect_image, unreadable_reason
 from monai_unet_bundle.transforms import channel_conversion_note
@@ -213,8 +223,8 @@ def split_pairs(
     Pairs with the same ``group`` value (a patient; see :func:`assign_groups`) always land on the
     same side; a pair without one is a group of its own.  The groups are shuffled with
     ``random.Random(seed)`` (in the order of their first image), so the same files and seed always
-    give the same split, and whole groups go to validation until it holds ``round(n * val_fraction)``
-    pairs (at least one, and never every group).
+    give the same split; in that order, each group that still fits goes to validation, which holds at
+    most ``round(n * val_fraction)`` pairs (but at least one group: the smallest, when none fits).
 
     Raises:
         BundleInputError: when ``val_fraction`` is outside (0, 1), there are fewer than 2 pairs, or
@@ -242,16 +252,29 @@ def split_pairs(
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_val = min(len(pairs) - 1, max(1, round(len(pairs) * fraction)))
-    validation: list[dict[str, str]] = []
-    taken = 0
-    while len(validation) < n_val and taken < len(order) - 1:
-        validation += order[taken]
-        taken += 1
-    return [p for group in order[taken:] for p in group], validation
+    # whole groups, in shuffled order, as long as they fit in the validation share; at least one group
+    chosen = [i for i, _ in _fitting(order, n_val)] or [min(range(len(order)), key=lambda i: len(order[i]))]
+    validation = [p for i in chosen for p in order[i]]
+    return [p for i, group in enumerate(order) if i not in chosen for p in group], validation
+
+
+def _fitting(groups: Sequence[list], budget: int) -> list[tuple[int, list]]:
+    """The groups, in order, that fit into ``budget`` items together (each taken when it still fits)."""
+    taken, size = [], 0
+    for i, group in enumerate(groups):
+        if size + len(group) <= budget:
+            taken.append((i, group))
+            size += len(group)
+    return taken
 
 
 def _shown_group(group: str) -> str:
-    return f"image {group[1:]}" if group.startswith("\0") else f"group {group!r}"
+    """How a group is named in messages: a DICOM patient or study only as such (its key is a hash of the identifier)."""
+    if group.startswith("\0"):
+        return f"image {group[1:]}"
+    if group.startswith(DICOM_GROUP_PREFIXES):
+        return "one patient" if group.startswith("patient-") else "one study"
+    return f"group {group!r}"
 
 
 def assign_groups(items: Sequence[dict[str, str]], group_pattern: str | None = None) -> list[str]:
@@ -293,6 +316,8 @@ def assign_groups(items: Sequence[dict[str, str]], group_pattern: str | None = N
                 group = None
             if group:
                 item["group"] = group
+    for item in items:  # every item has the key (a batch needs the same keys in every item); "" is a group of its own
+        item.setdefault("group", "")
     warnings = []
     if unmatched:
         warnings.append(f"group_pattern {group_pattern!r} matches no part of {len(unmatched)} file name(s), which are each a group of their own: {_listing(unmatched)}.")
@@ -310,9 +335,9 @@ def group_leaks(lists: dict[str, list[dict[str, str]]]) -> list[str]:
     for group, where in sorted(sides.items()):
         if len(where) > 1:
             listing = "; ".join(f"{k}: {_listing(v, 2)}" for k, v in where.items())
+            who = "one patient (same PatientID)" if group.startswith("patient-") else "one study" if group.startswith("study-") else f"group {group!r}"
             problems.append(
-                f"group {group!r} (one patient or source) has images on {len(where)} sides ({listing}), which leaks it into the "
-                f"score: put all of its images in one list."
+                f"the images of {who} are on {len(where)} sides ({listing}), which leaks them into the score: put all of them in one list."
             )
     return problems
 
@@ -395,6 +420,34 @@ def _load_datalist(datalist: str | Path, base_dir: Path) -> dict[str, list[dict[
     return out
 
 
+def _expand_clips(lists: dict[str, list[dict[str, str]]]) -> list[str]:
+    """Datalist items naming a multi-frame DICOM file without a frame become one item per frame, in place.
+
+    A clip's label can be a DICOM Segmentation (each frame then takes its own frames of it) or none
+    (test items); one mask file for a whole clip is a problem.  Frames given as ``clip.dcm::3`` are
+    renamed ``clip.dcm#3``.
+    """
+    problems = []
+    for section, items in lists.items():
+        expanded: list[dict[str, str]] = []
+        for item in items:
+            frames = expand_frames(Path(item["image"])) if is_dicom(item["image"]) else [item["image"]]
+            label = item.get("label")
+            if len(frames) == 1:
+                expanded.append({**item, "image": frame_name(item["image"]), **({"label": frame_name(label)} if label else {})})
+            elif not label:
+                expanded += [{**item, "image": f} for f in frames]
+            elif split_frame(label)[1] is None and seg_references(label) is not None:
+                expanded += [{**item, "image": f, "label": f"{label}#{split_frame(f)[1]}"} for f in frames]
+            else:
+                problems.append(
+                    f"datalist '{section}' item {item['image']} is a clip of {len(frames)} frames but its label {label} is one mask: "
+                    f"list each frame with its own mask ({Path(item['image']).name}#1, ...), or give a DICOM Segmentation of the clip."
+                )
+        lists[section] = expanded
+    return problems
+
+
 @dataclass(frozen=True)
 class DataSource:
     """Where the training pairs come from: the six data settings as one value.
@@ -443,6 +496,7 @@ def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str
         except BundleInputError as exc:
             problems.append(str(exc))
             return lists, problems, warnings
+        problems += _expand_clips(lists)
     elif not base.is_dir():
         problems.append(f"dataset_dir {str(base)!r} does not exist: pass --dataset_dir with a folder holding images/ and masks/.")
         return lists, problems, warnings
@@ -708,9 +762,15 @@ def scan_inputs(
     if input_files is None:
         candidates = _image_files(folder, frames=True)
     else:  # a multi-frame file named without a frame stands for all its frames
-        candidates = [Path(f) for p in _files_from(input_files, folder) for f in expand_frames(p)]
+        candidates, seen = [], set()
+        for f in (f for p in _files_from(input_files, folder) for f in expand_frames(p)):
+            file, frame = split_frame(f)
+            if (Path(file).resolve(), frame) not in seen:  # a frame named alone and within its file is predicted once
+                seen.add((Path(file).resolve(), frame))
+                candidates.append(Path(frame_name(f)))
     scan = InputScan(input_dir=str(folder) if input_files is None else "")
     readable: list[Path] = []
+    reported: set[tuple[str, str]] = set()
     modes: Counter[str] = Counter()
     for path in candidates:
         if exclude is not None and exclude in path.resolve().parents:
@@ -719,7 +779,8 @@ def scan_inputs(
         if reason is None:
             readable.append(path)
             modes[mode] += 1
-        else:
+        elif (split_frame(path)[0], reason) not in reported:  # a damaged clip is reported once, not once per frame
+            reported.add((split_frame(path)[0], reason))
             scan.skipped.append({"file": str(path), "reason": reason})
             logger.warning("skipping unreadable file %s (%s)", path, reason)
     if not readable:

@@ -21,9 +21,11 @@ pydicom 2.4 (which MONAI Label 0.8.5 pins) and 3.x both work.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,12 +39,15 @@ from monai.utils import ensure_tuple
 from monai_unet_bundle.errors import BundleInputError, short_reason
 
 __all__ = [
+    "DICOM_GROUP_PREFIXES",
     "DICOM_SUFFIXES",
     "SEG_SOP_CLASS",
     "DicomReader",
     "channel_count",
     "dicom_group",
     "expand_frames",
+    "frame_name",
+    "quiet",
     "frame_count",
     "inspect_dicom",
     "is_dicom",
@@ -67,6 +72,10 @@ _NOT_IMAGE_MODALITIES = {"SR", "PR", "KO", "DOC", "REG", "FID", "RTSTRUCT", "RTP
 # DICOM itself, so the message (repeated per transform, on every CPU machine) says nothing to its users.
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+# highdicom logs every source instance UID it references at INFO level (hundreds of lines per run), and
+# pydicom logs the warnings it raises, which quote attribute values (a malformed birth date, a name)
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def _pydicom():
@@ -91,6 +100,12 @@ def split_frame(path: PathLike) -> tuple[str, int | None]:
     return text, None
 
 
+def frame_name(path: PathLike) -> str:
+    """The name of an image as reports show it: ``clip.dcm#3`` for a frame (also when given as ``clip.dcm::3``)."""
+    file, frame = split_frame(path)
+    return f"{file}#{frame}" if frame is not None else str(path)
+
+
 def is_dicom(path: PathLike) -> bool:
     """Whether ``path`` (optionally ``file#frame``) names a DICOM file: by suffix, else by its ``DICM`` marker.
 
@@ -110,24 +125,34 @@ def is_dicom(path: PathLike) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-_LAST: dict[str, object] = {}
+_CACHE = threading.local()
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence pydicom's and highdicom's warnings: they quote attribute values (a patient's name, a birth date)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def read_dataset(path: PathLike):
-    """The whole dataset of a DICOM file; the last one read is kept, so the frames of a clip read it once."""
+    """The whole dataset of a DICOM file; each thread keeps the last one it read, so the frames of a clip read it once."""
     file, _ = split_frame(path)
     stat = os.stat(file)
     key = f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
-    if key not in _LAST:
-        _LAST.clear()
-        _LAST[key] = _pydicom().dcmread(file, force=True)
-    return _LAST[key]
+    if getattr(_CACHE, "key", None) != key:
+        with quiet():
+            dataset = _pydicom().dcmread(file, force=True)
+        _CACHE.key, _CACHE.dataset = key, dataset
+    return _CACHE.dataset
 
 
 def read_header(path: PathLike):
     """The dataset of a DICOM file without its pixel data (fast; for grouping, frame counts and spacing)."""
     file, _ = split_frame(path)
-    return _pydicom().dcmread(file, stop_before_pixels=True, force=True)
+    with quiet():
+        return _pydicom().dcmread(file, stop_before_pixels=True, force=True)
 
 
 def frame_count(ds) -> int:
@@ -158,17 +183,21 @@ def _shared_measures(ds) -> list:
         return []
 
 
+#: how the group keys :func:`dicom_group` makes begin (messages name such a group only as "one patient")
+DICOM_GROUP_PREFIXES = ("patient-", "study-")
+
+
 def dicom_group(path: PathLike) -> str | None:
     """A stable, non-identifying group key for a DICOM file: a hash of PatientID, else of StudyInstanceUID.
 
-    Images of one patient share it, so a split keeps them on one side; the identifier itself never
-    leaves this function (reports show the hash).
+    Images of one patient share it, so a split keeps them on one side.  A hash of a short id can be
+    reversed by trying every id, so the key is never shown: messages say "one patient" and list files.
     """
     ds = read_header(path)
     for key in ("PatientID", "StudyInstanceUID"):
         value = str(ds.get(key, "") or "").strip()
         if value:
-            return f"{key[:7].lower()}-" + hashlib.sha256(value.encode()).hexdigest()[:12]
+            return f"{'patient' if key == 'PatientID' else 'study'}-" + hashlib.sha256(value.encode()).hexdigest()[:16]
     return None
 
 
@@ -201,6 +230,11 @@ def _remedy(ds) -> str:
 
 def _decode(ds, frame: int | None, file: str, every_frame: bool = False) -> np.ndarray:
     """Pixel array of one frame (or the only one, or ``every_frame``), colour as RGB; a clear error when undecodable."""
+    with quiet():
+        return _decode_loudly(ds, frame, file, every_frame)
+
+
+def _decode_loudly(ds, frame: int | None, file: str, every_frame: bool = False) -> np.ndarray:
     frames = frame_count(ds)
     if frame is not None and frame > frames:
         raise BundleInputError(f"{file} has {frames} frame(s), so frame {frame} does not exist.")
@@ -223,7 +257,7 @@ def _decode(ds, frame: int | None, file: str, every_frame: bool = False) -> np.n
     except Exception as exc:
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             kind = str(ds.get("Modality", "") or "")
-            why = f"it is a {kind} object, not an image" if kind in _NOT_IMAGE_MODALITIES else "it is damaged, truncated or not an image: export it again"
+            why = f"it is a DICOM {kind} object, not an image" if kind in _NOT_IMAGE_MODALITIES else "it is damaged, truncated or not an image: export it again"
             raise BundleInputError(f"{file} holds no pixel data: {why}.") from None
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and getattr(syntax, "is_compressed", True) is False:
@@ -301,7 +335,7 @@ def inspect_dicom(path: PathLike) -> tuple[tuple[int, int], str]:
     file, frame = split_frame(path)
     ds = read_dataset(file)
     if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
-        return (int(ds.Rows), int(ds.Columns)), "DICOM SEG"
+        raise BundleInputError(f"{file} is a DICOM Segmentation (a mask), not an image: keep it with the masks.")
     arr = _decode(ds, frame, file)
     return tuple(int(v) for v in arr.shape[:2]), f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()}"
 
@@ -339,12 +373,16 @@ class DicomReader(ImageReader):
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         """Pixels (width x height [x 3]) and non-identifying metadata of each dataset read."""
+        with quiet():
+            return self._get_data(img)
+
+    def _get_data(self, img) -> tuple[np.ndarray, dict]:
         arrays: list[np.ndarray] = []
         compatible: dict = {}
         for ds, frame, file in img:
             if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
                 if self.kind != "mask":
-                    raise BundleInputError(f"{file} is a DICOM Segmentation, not an image: put it with the masks.")
+                    raise BundleInputError(f"{file} is a DICOM Segmentation (a mask), not an image: keep it with the masks.")
                 arr = _seg_label_map(ds, frame, file)
             else:
                 arr = _decode(ds, frame, file)

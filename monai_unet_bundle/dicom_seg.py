@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from monai_unet_bundle.dicom import frame_count, read_header, split_frame
+from monai_unet_bundle.dicom import frame_count, quiet, read_header, split_frame
 from monai_unet_bundle.errors import BundleInputError
 
 __all__ = ["DicomSegWriter", "require_highdicom"]
@@ -45,6 +46,29 @@ _EQUIPMENT_IDENTIFIERS = (
 #: attributes of a multi-frame source that do not describe one frame
 _MULTI_FRAME_ONLY = ("NumberOfFrames", "FrameIncrementPointer", "FrameTime", "FrameTimeVector", "FrameDelay", "ActualFrameDuration")
 
+
+
+#: what a DA, TM or DT value must look like (the standard's forms); highdicom refuses a source with any other
+_VALID_TIME = {
+    "DA": re.compile(r"\d{8}"),
+    "TM": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+    "DT": re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"),
+}
+
+
+def _with_valid_dates(ds):
+    """A copy of ``ds`` in which a malformed date or time (e.g. ``1931-07-17``) is left empty, as a Type 2
+    attribute may be, instead of stopping the Segmentation; the value is never quoted."""
+    out = copy.deepcopy(ds)
+    with quiet():
+        for element in out:
+            pattern = _VALID_TIME.get(element.VR)
+            if pattern is None or element.VM != 1:
+                continue
+            value = str(element.value or "").strip()
+            if value and not pattern.fullmatch(value):
+                element.value = ""
+    return out
 
 
 def require_highdicom() -> None:
@@ -124,9 +148,8 @@ class DicomSegWriter:
         if mask.shape != (rows, columns):
             raise ValueError(f"mask of shape {mask.shape} does not fit {file} ({rows}x{columns})")
         frames = frame_count(ds)
-        reference = ds
+        reference = _with_valid_dates(ds)  # a copy: the source's own header is never changed
         if frames > 1:  # a single-frame copy of the header; references are set back to the frame below
-            reference = copy.deepcopy(ds)
             for key in _MULTI_FRAME_ONLY:
                 if key in reference:
                     delattr(reference, key)
@@ -134,7 +157,23 @@ class DicomSegWriter:
         series_uid = self._series.setdefault(str(ds.get("SeriesInstanceUID", file)), hd.UID())
         self._count += 1
         labels = np.clip(mask, 0, len(self.class_names) - 1).astype(np.uint8)
-        seg = hd.seg.Segmentation(
+        with quiet():  # highdicom and pydicom warn about odd values by quoting them (a patient's name)
+            seg = self._build(hd, reference, labels, series_uid)
+        if frames > 1:
+            self._point_at_frame(seg, frame or 1, str(ds.SOPClassUID))
+        self._complete_pixel_measures(seg)
+        for equipment in seg.get("ContributingEquipmentSequence", []):
+            for key in _EQUIPMENT_IDENTIFIERS:
+                if key in equipment:
+                    delattr(equipment, key)
+        path = Path(f"{target}.dcm")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with quiet():
+            seg.save_as(str(path))
+        return str(path)
+
+    def _build(self, hd, reference, labels: np.ndarray, series_uid: str):
+        return hd.seg.Segmentation(
             source_images=[reference],
             pixel_array=labels[None],
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -150,17 +189,6 @@ class DicomSegWriter:
             series_description=self.series_description,
             omit_empty_frames=False,
         )
-        if frames > 1:
-            self._point_at_frame(seg, frame or 1, str(ds.SOPClassUID))
-        self._complete_pixel_measures(seg)
-        for equipment in seg.get("ContributingEquipmentSequence", []):
-            for key in _EQUIPMENT_IDENTIFIERS:
-                if key in equipment:
-                    delattr(equipment, key)
-        path = Path(f"{target}.dcm")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        seg.save_as(str(path))
-        return str(path)
 
     @staticmethod
     def _point_at_frame(seg, frame: int, sop_class: str) -> None:

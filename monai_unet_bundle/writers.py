@@ -10,6 +10,7 @@ masks keep class indices.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from monai.transforms import SaveImaged
 from monai_unet_bundle.data import file_stem
 from monai_unet_bundle.dicom import is_dicom
 from monai_unet_bundle.transforms import source_name
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OUTPUT_FORMATS", "SaveMaskd", "is_nifti", "mask_suffixes", "save_nifti_like"]
 
@@ -114,24 +117,38 @@ class SaveMaskd(SaveImaged):
                 continue
             if target is None and is_dicom(source):
                 target = self.output_dir / file_stem(source)
-            if ".dcm" in suffixes:
-                self._write_seg(mask, source, target)
+            if ".dcm" in suffixes and not self._write_seg(mask, source, target) and ".png" not in suffixes:
+                if Path(f"{target}.png").exists():  # never over a file this run did not plan to write
+                    logger.warning("%s: its mask is not written, since %s.png already exists", source, target)
+                    continue
+                suffixes = (*suffixes, ".png")  # the mask is not lost: it is written as PNG instead
             if ".png" in suffixes:
                 self.saver(mask.to(torch.uint8) if self.num_classes != 2 else mask, filename=None if target is None else str(target))
         return d
 
-    def _write_seg(self, mask: torch.Tensor, source: str, target: Path) -> None:
-        """Write the DICOM Segmentation of a (1, width, height) mask; its path goes to ``dicom_seg`` in the metadata."""
+    def _write_seg(self, mask: torch.Tensor, source: str, target: Path) -> bool:
+        """Write the DICOM Segmentation of a (1, width, height) mask; its path goes to ``dicom_seg`` in the metadata.
+
+        Returns:
+            Whether it was written: a source highdicom cannot build on is logged (by exception type only,
+            since the message may quote patient data) and its mask written as PNG instead.
+        """
         from monai_unet_bundle.dicom_seg import DicomSegWriter
 
         if self._seg_writer is None:
             self._seg_writer = DicomSegWriter(self.class_names)
         array = np.asarray(torch.as_tensor(mask).detach().cpu())
         array = (array[0] if array.ndim == 3 else array).T  # width x height -> rows x columns
-        path = self._seg_writer.write(np.rint(array).astype(np.uint8), source, target)
+        try:
+            path = self._seg_writer.write(np.rint(array).astype(np.uint8), source, target)
+        except Exception as exc:  # any highdicom refusal: the run goes on and this mask is kept as PNG
+            logger.warning("%s: no DICOM SEG could be built on this file (%s); its mask is written as %s.png instead",
+                           source, type(exc).__name__, target)
+            return False
         meta = getattr(mask, "meta", None)
         if isinstance(meta, dict):
             meta["dicom_seg"] = path
+        return True
 
 
 def _nifti_stem(path: str) -> str:

@@ -92,7 +92,8 @@ def test_datalist_paths_are_relative_to_dataset_dir(tmp_path):
     }
     (tmp_path / "list.json").write_text(json.dumps(spec))
     lists = build_datalists(DataSource(tmp_path, tmp_path / "list.json"))
-    assert lists["validation"] == [{"image": str(tmp_path / "img/c.png"), "label": str(tmp_path / "lab/c.png")}]
+    # every item carries a group ("": a group of its own), so that a batch's items all have the same keys
+    assert lists["validation"] == [{"image": str(tmp_path / "img/c.png"), "label": str(tmp_path / "lab/c.png"), "group": ""}]
     assert len(lists["training"]) == 2 and len(lists["test"]) == 1
 
 

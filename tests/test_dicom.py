@@ -153,7 +153,7 @@ def test_a_dicom_seg_is_read_as_class_indices_per_source_frame(tmp_path: Path):
     np.testing.assert_array_equal(_load(str(tmp_path / "seg_still.dcm"), "mask"), masks[2])
     with pytest.raises(BundleInputError, match="no frame for source frame 1"):
         _load(f"{tmp_path / 'seg2.dcm'}#1", "mask")
-    with pytest.raises(BundleInputError, match="is a DICOM Segmentation, not an image"):
+    with pytest.raises(BundleInputError, match=r"is a DICOM Segmentation \(a mask\), not an image: keep it with the masks"):
         _load(str(tmp_path / "seg_still.dcm"), "image")
 
 
@@ -189,6 +189,12 @@ def test_a_split_never_puts_one_group_on_both_sides():
     assert len(split_pairs(plain, 0.2, 3)[1]) == 12
     with pytest.raises(BundleInputError, match="belong to one group"):
         split_pairs([{**p, "group": "same"} for p in pairs], 0.2, 0)
+    # a big group never turns the split upside down: validation takes what fits, else the smallest group
+    uneven = [{"image": f"/d/{g}{i}.png", "label": "", "group": g} for g, n in (("A", 8), ("B", 1), ("C", 1)) for i in range(n)]
+    for seed in range(10):
+        train, val = split_pairs(uneven, 0.2, seed)
+        assert len(val) <= 2 and len(train) >= 8
+    assert [len(v) for v in (split_pairs(uneven[:9], 0.1, 0)[1],)] == [1]
 
 
 def _dicom_set(root: Path, patients: int = 6, per_patient: int = 3) -> Path:
@@ -212,6 +218,33 @@ def test_dicom_images_split_by_patient_and_the_id_is_never_shown(tmp_path: Path)
         assert len(groups) == 6 and all(g.startswith("patient-") for g in groups)
         assert not any(patient(p)["PatientID"] in g for g in groups for p in range(6))
     assert dicom_group(data / "images" / "p0_0.dcm") == dicom_group(data / "images" / "p0_2.dcm") != dicom_group(data / "images" / "p1_0.dcm")
+    # a datalist that puts one patient on both sides is refused, naming files and never the patient's id or its hash
+    rows = ["image,label,split", "images/p0_0.dcm,masks/p0_0.png,training", "images/p0_1.dcm,masks/p0_1.png,validation",
+            "images/p1_0.dcm,masks/p1_0.png,training"]
+    (data / "list.csv").write_text("\n".join(rows) + "\n")
+    _, problems, _ = discover_datalists(DataSource(data, datalist=data / "list.csv"))
+    assert len(problems) == 1 and problems[0].startswith("the images of one patient (same PatientID) are on 2 sides (training: ")
+    assert "p0_1.dcm" in problems[0] and dicom_group(data / "images" / "p0_0.dcm") not in problems[0]
+
+
+def test_a_clip_named_in_a_datalist_is_one_item_per_frame(tmp_path: Path):
+    for name, who in (("a", 0), ("b", 1), ("c", 2)):
+        write_dicom(tmp_path / f"{name}.dcm", np.zeros((3, H, W), np.uint16), kind="US_MULTI", patient_index=who)
+    for name in ("a", "c"):
+        for k in range(3):
+            DicomSegWriter(["background", "x"]).write(_truth(k).astype(np.uint8), f"{tmp_path / name}.dcm#{k + 1}", tmp_path / f"{name}_seg{k + 1}")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "one.png")
+    datalist = {"training": [{"image": "a.dcm", "label": "a_seg2.dcm"}], "validation": [{"image": "c.dcm", "label": "c_seg1.dcm"}],
+                "test": [{"image": "b.dcm"}]}
+    (tmp_path / "list.json").write_text(json.dumps(datalist))
+    lists, problems, _ = discover_datalists(DataSource(tmp_path, datalist=tmp_path / "list.json"))
+    assert problems == []
+    assert [Path(d["image"]).name for d in lists["test"]] == ["b.dcm#1", "b.dcm#2", "b.dcm#3"]
+    # each frame is paired with the Segmentation; the reader takes its frames that reference that frame (seg#k)
+    assert [(Path(d["image"]).name, Path(d["label"]).name) for d in lists["training"]] == [(f"a.dcm#{k}", f"a_seg2.dcm#{k}") for k in (1, 2, 3)]
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "a.dcm", "label": "one.png"}]}))
+    _, problems, _ = discover_datalists(DataSource(tmp_path, datalist=tmp_path / "list.json"))
+    assert problems[0].startswith(f"datalist 'training' item {tmp_path / 'a.dcm'} is a clip of 3 frames but its label")
 
 
 def test_group_pattern_and_group_column_keep_groups_together_and_leaks_are_reported(tmp_path: Path):
@@ -232,12 +265,12 @@ def test_group_pattern_and_group_column_keep_groups_together_and_leaks_are_repor
             "images/P01_left.png,masks/P01_left.png,training,B"]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     _, problems, _ = discover_datalists(DataSource(tmp_path, datalist=tmp_path / "list.csv"))
-    assert len(problems) == 1 and problems[0].startswith("group 'A' (one patient or source) has images on 2 sides (training: ")
+    assert len(problems) == 1 and problems[0].startswith("the images of group 'A' are on 2 sides (training: ")
     datalist = {"training": [{"image": "images/P01_left.png", "label": "masks/P01_left.png", "group": 7}],
                 "test": [{"image": "images/P01_right.png", "group": 7}, {"image": "images/P02_right.png", "group": 8}]}
     (tmp_path / "list.json").write_text(json.dumps(datalist))
     _, problems, _ = discover_datalists(DataSource(tmp_path, datalist=tmp_path / "list.json"))
-    assert [p.split(" (")[0] for p in problems] == ["group '7'", "found 1 image/mask pair(s) and no validation list, so the validation split would be empty and no model could ever be saved: add pairs"]
+    assert [p.split(" (")[0] for p in problems] == ["the images of group '7' are on 2 sides", "found 1 image/mask pair(s) and no validation list, so the validation split would be empty and no model could ever be saved: add pairs"]
     with pytest.raises(BundleInputError, match=r"group_pattern is '\(P', but it must be null or a valid regular expression"):
         check_settings(group_pattern="(P")
 
@@ -288,7 +321,10 @@ def dicom_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
             continue
         else:
             syntax = {"rle.dcm": RLELossless, "j2k.dcm": JPEG2000Lossless, "jls.dcm": JPEGLSLossless}[name]
-            write_dicom(path, bright(500, 3500).astype(np.uint16), syntax=syntax, patient_index=i)
+            ds = write_dicom(path, bright(500, 3500).astype(np.uint16), syntax=syntax, patient_index=i)
+            if name == "rle.dcm":  # dates as some systems write them, and a one-part name: highdicom and pydicom warn, quoting them
+                ds.PatientBirthDate, ds.StudyDate, ds.PatientName = "1931-07-17", "1987.07.23", "Quixotewright"
+                ds.save_as(path, enforce_file_format=True)
         truths[name.rsplit(".", 1)[0] if name.endswith(".dcm") else name] = truth
     photo = _truth(99, 30, 50)
     Image.fromarray((photo * 255).astype(np.uint8)).save(root / "in" / "photo.png")
@@ -299,6 +335,8 @@ def dicom_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x0a junk"])
     ds.save_as(root / "in" / "xl.dcm", enforce_file_format=True)
+    # a Segmentation among the inputs (PACS exports hold them beside the images): skipped, not predicted
+    DicomSegWriter(["background", "x"]).write(_truth(0, H, W).astype(np.uint8), str(root / "in" / "xray" / "IM0001"), root / "in" / "old_seg")
     save_stand_in(root / "model.pt")
     (root / "truths.json").write_text(json.dumps({k: v.astype(int).tolist() for k, v in truths.items()}))
     return root
@@ -322,9 +360,15 @@ def test_inference_writes_seg_and_png_equal_to_the_truth_with_references(dicom_w
     proc = _infer(root, "out_both", "--input_dir", "in", "--output_format", "png+dicom_seg", "--class_names", "['background','lesion']")
     out = root / "out_both"
     summary = json.loads((out / "inference_summary.json").read_text())
-    assert [s["file"] for s in summary["skipped"]] == ["in/xl.dcm"]
-    assert "H.264 High Profile / Level 4.1 (1.2.840.10008.1.2.4.102)" in summary["skipped"][0]["reason"]
+    reasons = {s["file"]: s["reason"] for s in summary["skipped"]}
+    assert sorted(reasons) == ["in/old_seg.dcm", "in/xl.dcm"]
+    assert "H.264 High Profile / Level 4.1 (1.2.840.10008.1.2.4.102)" in reasons["in/xl.dcm"]
+    assert reasons["in/old_seg.dcm"] == "is a DICOM Segmentation (a mask), not an image: keep it with the masks"
     assert "xl.dcm" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    # the malformed dates did not stop its Segmentation, and no warning quoted them (or the one-part name)
+    assert (out / "rle.dcm").is_file() and pydicom.dcmread(out / "rle.dcm").PatientBirthDate == ""
+    for value in ("1931-07-17", "1987.07.23", "Quixotewright"):
+        assert value not in proc.stdout + proc.stderr
     records = {Path(r["image"]).as_posix(): r for r in summary["written"]}
     assert records["in/xray/IM0001"]["pixel_spacing_mm"] == [0.2, 0.2] and records["in/endoscopy.dcm"]["pixel_spacing_mm"] is None
     for name, truth in _truths(root).items():
@@ -361,9 +405,12 @@ def test_auto_writes_seg_for_dicom_and_png_for_the_rest_with_absolute_paths(dico
     written = sorted(p.relative_to(tmp_path / "auto").as_posix() for p in (tmp_path / "auto").rglob("*") if p.is_file())
     expected = sorted({f"{n}.dcm" for n in _truths(root) if n != "photo"} | {"photo.png", "inference_summary.json"})
     assert written == expected
-    # a frame named in input_files is predicted alone
+    # a frame named in input_files is predicted alone, and once when its file is named too; reports name it clip.dcm#2
     _infer(root, str(tmp_path / "one"), "--input_files", f"['{root / 'in' / 'clip.dcm'}#2']", cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["clip_frame2.dcm", "inference_summary.json"]
+    _infer(root, str(tmp_path / "two"), "--input_files", f"['{root / 'in' / 'clip.dcm'}#2','in/clip.dcm']", cwd=root)
+    summary = json.loads((tmp_path / "two" / "inference_summary.json").read_text())
+    assert sorted(Path(r["image"]).name for r in summary["written"]) == ["clip.dcm#1", "clip.dcm#2", "clip.dcm#3"]
 
 
 @pytest.mark.slow
@@ -381,11 +428,15 @@ def test_training_on_dicom_writes_no_identifier_anywhere(tmp_path: Path):
                 photometric="RGB", kind="US_MULTI", patient_index=4)
     for k, f in enumerate(clip):
         DicomSegWriter(["background", "lesion"]).write(f.astype(np.uint8), f"{data / 'images' / 'clip.dcm'}#{k + 1}", data / "masks" / f"clip_seg{k + 1}")
+    for name in ("photo_a", "photo_b"):  # PNG images among the DICOM ones: items without a patient group in the same batches
+        truth = _truth(len(name))
+        Image.fromarray((truth * 255).astype(np.uint8)).save(data / "images" / f"{name}.png")
+        Image.fromarray((truth * 255).astype(np.uint8)).save(data / "masks" / f"{name}.png")
     bundle = tmp_path / "bundle"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--in_channels", "1", "--spatial_size", "[32,32]", "--num_workers", "0"]
     run_bundle("--config_file", config("train.json"), *common, "--max_epochs", "2", "--batch_size", "4", "--num_previews", "2")
     report = json.loads((bundle / "logs" / "data_check.json").read_text())
-    assert report["ok"] and report["counts"] == {"training": 8, "validation": 2} and report["groups"] == 5
+    assert report["ok"] and report["counts"] == {"training": 10, "validation": 2} and report["groups"] == 7
     run_bundle("--config_file", config("train.json", "evaluate.json"), *common)
     run_bundle("--config_file", config("inference.json"), "--bundle_root", str(bundle), "--input_dir", str(data / "images"),
                "--output_dir", str(tmp_path / "pred"), "--in_channels", "1", "--spatial_size", "[32,32]", "--num_workers", "0",
@@ -394,7 +445,7 @@ def test_training_on_dicom_writes_no_identifier_anywhere(tmp_path: Path):
     files = [p for p in tmp_path.rglob("*") if p.is_file() and data not in p.parents]
     assert len([f for f in files if f.parent.name == "logs" or "events" in f.name]) >= 2
     segs = [f for f in files if f.suffix == ".dcm"]
-    assert len(segs) == 10
+    assert len(segs) == 10 and not (tmp_path / "pred" / "photo_a.dcm").exists()
     for file in files:
         content = file.read_bytes()
         if file in segs:
