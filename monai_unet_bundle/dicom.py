@@ -244,14 +244,13 @@ def _decode_loudly(ds, frame: int | None, file: str, every_frame: bool = False) 
             from pydicom.pixels import pixel_array  # pydicom >= 3: decodes only the frame asked for
 
             arr = pixel_array(ds, index=index)
-        except ImportError:  # pydicom 2.x
+        except ImportError:  # pydicom 2.x: whole array; YBR_FULL(_422) comes back as upsampled YBR_FULL, also from JPEG
             arr = ds.pixel_array
             arr = arr[index] if index is not None else arr
-            photometric = str(ds.get("PhotometricInterpretation", ""))
-            if photometric.startswith("YBR") and not ds.file_meta.TransferSyntaxUID.is_compressed:
+            if str(ds.get("PhotometricInterpretation", "")) in ("YBR_FULL", "YBR_FULL_422"):
                 from pydicom.pixel_data_handlers.util import convert_color_space
 
-                arr = convert_color_space(arr, photometric, "RGB")
+                arr = convert_color_space(arr, "YBR_FULL", "RGB")
     except BundleInputError:
         raise
     except Exception as exc:

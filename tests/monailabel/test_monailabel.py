@@ -227,6 +227,61 @@ def test_package_travels_with_the_bundle(app: BundleApp, packaged: dict[str, Pat
     assert NAME in app._trainers
 
 
+_COLOUR_DICOM_CHECK = """
+import io
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from monai_unet_bundle.dicom import DicomReader
+
+def save(ds, path, syntax):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1"
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(path, write_like_original=False)
+
+rgb = np.zeros((24, 40, 3), np.uint8)
+rgb[..., 0], rgb[4:20, 5:25, 1], rgb[..., 2] = 200, 180, 40
+for name in ("rgb", "ybr", "jpeg"):
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 24, 40, 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if name == "jpeg":
+        buffer = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buffer, format="JPEG", quality=95)
+        ds.PhotometricInterpretation, ds.PixelData = "YBR_FULL_422", encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        save(ds, name + ".dcm", JPEGBaseline8Bit)
+    else:
+        from pydicom.pixel_data_handlers.util import convert_color_space
+        stored = rgb if name == "rgb" else convert_color_space(rgb, "RGB", "YBR_FULL")
+        ds.PhotometricInterpretation, ds.PixelData = ("RGB" if name == "rgb" else "YBR_FULL"), stored.tobytes()
+        save(ds, name + ".dcm", ExplicitVRLittleEndian)
+    reader = DicomReader("image")
+    array = np.moveaxis(reader.get_data(reader.read(name + ".dcm"))[0], 0, 1).astype(float)
+    error = np.abs(array - rgb).mean()
+    print(name, pydicom.__version__, round(float(error), 2))
+    assert error < 10, (name, error)  # JPEG: 4:2:2 chroma at the block edges; unconverted YBR is ~125 off
+"""
+
+
+def test_packaged_reader_turns_colour_dicom_into_rgb_with_monai_labels_pydicom(packaged: dict[str, Path], tmp_path: Path) -> None:
+    """RGB, YBR_FULL and JPEG (YBR_FULL_422) DICOM read as RGB with the pydicom MONAI Label pins (2.4), whose
+    decoders leave YBR data unconverted; the main suite checks the same with pydicom 3."""
+    script = tmp_path / "check.py"
+    script.write_text(_COLOUR_DICOM_CHECK)
+    env = {**_env(), "PYTHONPATH": str(packaged["bundle"])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["rgb", "ybr", "jpeg"]
+
+
 def test_info_reports_a_2d_segmentation_model_with_the_metadata_labels(app: BundleApp, packaged: dict[str, Path]) -> None:
     """MONAI Label sees a 2D segmentation model labelled from metadata.json (it lists every class but background)."""
     info = app.info()
