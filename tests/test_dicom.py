@@ -7,6 +7,7 @@ value by value against the stored pixels; the bundle runs use :class:`tests.stan
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -24,7 +25,7 @@ from monai_unet_bundle.dicom_seg import DicomSegWriter
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.readers import inspect_image
 from monai_unet_bundle.settings import check_settings
-from tests.conftest import config, run_bundle
+from tests.conftest import CONFIGS, config, run_bundle
 from tests.dicom_files import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -434,7 +435,10 @@ def test_training_on_dicom_writes_no_identifier_anywhere(tmp_path: Path):
         Image.fromarray((truth * 255).astype(np.uint8)).save(data / "masks" / f"{name}.png")
     bundle = tmp_path / "bundle"
     common = ["--bundle_root", str(bundle), "--dataset_dir", str(data), "--in_channels", "1", "--spatial_size", "[32,32]", "--num_workers", "0"]
-    run_bundle("--config_file", config("train.json"), *common, "--max_epochs", "2", "--batch_size", "4", "--num_previews", "2")
+    # with MLflow tracking too (its SQLite store and artifacts are scanned below), from tmp_path so nothing lands elsewhere
+    tracking = ["--tracking", str(CONFIGS / "mlflow.json")] if importlib.util.find_spec("mlflow") else []
+    run_bundle("--config_file", config("train.json"), *common, "--max_epochs", "2", "--batch_size", "4", "--num_previews", "2",
+               *tracking, cwd=tmp_path)
     report = json.loads((bundle / "logs" / "data_check.json").read_text())
     assert report["ok"] and report["counts"] == {"training": 10, "validation": 2} and report["groups"] == 7
     run_bundle("--config_file", config("train.json", "evaluate.json"), *common)
@@ -444,6 +448,7 @@ def test_training_on_dicom_writes_no_identifier_anywhere(tmp_path: Path):
     secrets = [s.encode() for p in range(5) for s in identifiers(p)]
     files = [p for p in tmp_path.rglob("*") if p.is_file() and data not in p.parents]
     assert len([f for f in files if f.parent.name == "logs" or "events" in f.name]) >= 2
+    assert not tracking or (bundle / "eval" / "mlruns.db").is_file()
     segs = [f for f in files if f.suffix == ".dcm"]
     assert len(segs) == 10 and not (tmp_path / "pred" / "photo_a.dcm").exists()
     for file in files:
