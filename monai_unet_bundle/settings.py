@@ -238,6 +238,7 @@ SETTINGS: dict[str, Check] = {
     "batch_size": _integer(1),
     "learning_rate": _positive,
     "lr_schedule": _choice("cosine", "plateau", "step", "constant"),
+    "time_budget_minutes": lambda value, _: None if value is None or (_is_number(value) and value > 0) else "null or a number of minutes above 0, e.g. 20",
     "loss_name": _choice("dice_ce", "dice", "ce", "bce", "focal", "dice_focal", "jaccard_bce", "mse", "weighted_ce"),
     "class_weights": _class_weights,
     "val_interval": _integer(1),

@@ -209,6 +209,21 @@ def test_early_stopping_stops_both_ranks_after_the_same_epoch(data_dir: Path, tm
     assert curve_epochs(tmp_path / "logs") == [1, 2]
 
 
+def test_a_time_budget_stops_both_ranks_at_the_same_iteration(data_dir: Path, tmp_path: Path):
+    """Every rank follows rank 0's clock: the same annealed rate and the same last iteration (a rank that
+    stopped alone would leave the other waiting in an all-reduce until the timeout)."""
+    proc = torchrun(*TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir), "--max_epochs", "10000",
+                    "--time_budget_minutes", "0.1")
+    lines = by_rank(proc)
+    stop = [line for line in lines[0] if "time budget of 0.1 minutes spent at epoch" in line]
+    assert len(stop) == 1 and not any("time budget of" in line for line in lines[1]), "rank 0 reports the stop"
+    for rank in (0, 1):
+        assert count(lines[rank], "SupervisedTrainer - INFO - Terminate signaled") == 1, f"rank {rank}"
+    resume = torch.load(tmp_path / "models" / "resume.pt", weights_only=True)
+    assert resume["trainer"]["finished"] and resume["budget"]["spent_seconds"] >= 6.0
+    assert f"epoch {resume['trainer']['epoch']}, iteration {resume['trainer']['iteration']}" in stop[0]
+
+
 def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
     """The README's multi-node command, with two 'nodes' of one process each on this machine.
 
