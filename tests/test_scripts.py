@@ -76,3 +76,30 @@ def test_benchmark_runs_both_sides_and_writes_the_ratios(tmp_path):
     assert r["channels_last"] is (not torch.cuda.is_available())  # channels_last auto: on for CPUs
     assert r["train_bundle_peak_mib"] > 0 and r["infer_bundle_peak_mib"] >= 0
     assert "train bundle" in proc.stdout and "written to" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_accuracy_scores_both_sides_on_a_folder_and_a_demo_set(tmp_path):
+    """Both sides train, are scored on the same held-out pairs at original size, and the plain loop gets the bundle's wall time."""
+    import json
+
+    from tests.conftest import write_pairs
+
+    folder = write_pairs(tmp_path / "cells", n=10, size=(36, 44), mode="L")
+    out = tmp_path / "accuracy.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark_accuracy.py"), "--sets", str(folder), "demo_multiclass",
+         "--minutes", "0.05", "--input_size", "32", "--batch_size", "4", "--features", "8", "--demo_images", "12", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    cells, multi = json.loads(out.read_text())
+    assert (cells["set"], cells["num_classes"], cells["in_channels"], cells["test_pairs"]) == ("cells", 2, 1, 2)
+    assert (multi["num_classes"], multi["in_channels"], multi["test_pairs"]) == (3, 3, 2)
+    for result in (cells, multi):
+        for side in ("bundle", "plain"):
+            assert 0.0 <= result[side]["mean_dice"] <= 1.0 and len(result[side]["dice"]) == result["num_classes"]
+            assert result[side]["epochs"] >= 1
+        # equal wall time: the plain loop ran (about) as long as the bundle's whole training process
+        assert result["plain"]["train_seconds"] == pytest.approx(result["bundle"]["train_seconds"], rel=0.5, abs=5)
+    assert "| cells | 2 | bundle |" in proc.stdout and "| demo_multiclass | 3 | plain |" in proc.stdout
