@@ -1,6 +1,7 @@
 """Training for a wall-clock budget: ``time_budget_minutes``.
 
-:class:`TimeBudget` is a trainer handler.  It stops training once the budget is spent (checked after
+:class:`TimeBudget` is a trainer handler (attached by the schedule stepper,
+:class:`~monai_unet_bundle.schedules.LrScheduleStepper`, whose rate it takes over).  It stops training once the budget is spent (checked after
 every iteration, so a long epoch does not overrun it), validates the weights it stopped at (so the
 best model saved is the best the budget allowed), and with the ``cosine`` schedule anneals the
 learning rate by *time* instead of by epoch: the rate follows the same cosine from the configured

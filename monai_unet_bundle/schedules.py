@@ -59,16 +59,24 @@ class LrScheduleStepper:
         scheduler: from :func:`build_scheduler`.
         evaluator: the validation engine a plateau schedule listens to.
         metric_name: the evaluator metric a plateau schedule watches.
+        budget: the run's :class:`~monai_unet_bundle.budget.TimeBudget` (``time_budget_minutes``), attached
+            with the schedule: it stops training at the deadline and, when it anneals the rate by time,
+            the epoch schedule is not stepped.
     """
 
-    def __init__(self, scheduler, evaluator: Engine | None = None, metric_name: str = "val_mean_dice") -> None:
+    def __init__(self, scheduler, evaluator: Engine | None = None, metric_name: str = "val_mean_dice", budget=None) -> None:
         self.scheduler = scheduler
         self.evaluator = evaluator
         self.metric_name = metric_name
         self.on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.budget = budget
 
     def attach(self, trainer: Engine) -> None:
-        """Epoch schedules step on the trainer, plateau schedules after each evaluation."""
+        """Epoch schedules step on the trainer, plateau schedules after each evaluation; a time budget drives its own."""
+        if self.budget is not None:
+            self.budget.attach(trainer)
+            if getattr(self.budget, "anneal", False):
+                return
         if self.on_metric:
             if self.evaluator is None:
                 raise RuntimeError("a plateau schedule needs the evaluator")
