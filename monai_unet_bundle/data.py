@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monai_unet_bundle.dicom import (
-    DICOM_GROUP_PREFIXES,
+    DICOM_GROUP_NAMES,
     DICOM_SUFFIXES,
     dicom_group,
     expand_frames,
@@ -176,14 +176,21 @@ class _SegMasks:
     def __init__(self, masks: dict[str, Path]) -> None:
         self.masks = masks
         self._by_uid: dict[tuple[str, int | None], Path] | None = None
+        self._references: dict[Path, set | None] = {}
         self.any_dicom = any(is_dicom(m) for m in set(masks.values()))
+
+    def references(self, mask: Path) -> set[tuple[str, int | None]] | None:
+        """:func:`~monai_unet_bundle.dicom.seg_references` of a mask file, read once per file."""
+        if mask not in self._references:
+            self._references[mask] = seg_references(mask)
+        return self._references[mask]
 
     def _index(self) -> dict[tuple[str, int | None], Path]:
         """(SOP instance UID, frame or None) -> the Segmentation that references it."""
         if self._by_uid is None:
             self._by_uid = {}
             for mask in sorted(set(self.masks.values())):
-                for reference in seg_references(mask) or ():
+                for reference in self.references(mask) or ():
                     self._by_uid.setdefault(reference, mask)
         return self._by_uid
 
@@ -194,7 +201,7 @@ class _SegMasks:
             return None
         key = (Path(file).relative_to(images_dir).parent / file_stem(file)).as_posix()
         seg = self.masks.get(key)
-        if seg is None or seg_references(seg) is None:
+        if seg is None or self.references(seg) is None:
             uid = sop_instance_uid(file) if self.any_dicom else None
             seg = (self._index().get((uid, frame)) or self._index().get((uid, None))) if uid else None
         if seg is None:
@@ -269,12 +276,10 @@ def _fitting(groups: Sequence[list], budget: int) -> list[tuple[int, list]]:
 
 
 def _shown_group(group: str) -> str:
-    """How a group is named in messages: a DICOM patient or study only as such (its key is a hash of the identifier)."""
+    """How a group is named in messages; a DICOM patient or study only as such (its key is a hash of the identifier)."""
     if group.startswith("\0"):
         return f"image {group[1:]}"
-    if group.startswith(DICOM_GROUP_PREFIXES):
-        return "one patient" if group.startswith("patient-") else "one study"
-    return f"group {group!r}"
+    return next((name for prefix, name in DICOM_GROUP_NAMES.items() if group.startswith(prefix)), f"group {group!r}")
 
 
 def assign_groups(items: Sequence[dict[str, str]], group_pattern: str | None = None) -> list[str]:
@@ -335,9 +340,8 @@ def group_leaks(lists: dict[str, list[dict[str, str]]]) -> list[str]:
     for group, where in sorted(sides.items()):
         if len(where) > 1:
             listing = "; ".join(f"{k}: {_listing(v, 2)}" for k, v in where.items())
-            who = "one patient (same PatientID)" if group.startswith("patient-") else "one study" if group.startswith("study-") else f"group {group!r}"
             problems.append(
-                f"the images of {who} are on {len(where)} sides ({listing}), which leaks them into the score: put all of them in one list."
+                f"the images of {_shown_group(group)} are on {len(where)} sides ({listing}), which leaks them into the score: put all of them in one list."
             )
     return problems
 
@@ -431,7 +435,7 @@ def _expand_clips(lists: dict[str, list[dict[str, str]]]) -> list[str]:
     for section, items in lists.items():
         expanded: list[dict[str, str]] = []
         for item in items:
-            frames = expand_frames(Path(item["image"])) if is_dicom(item["image"]) else [item["image"]]
+            frames = expand_frames(Path(item["image"]))
             label = item.get("label")
             if len(frames) == 1:
                 expanded.append({**item, "image": frame_name(item["image"]), **({"label": frame_name(label)} if label else {})})
@@ -703,7 +707,9 @@ def _files_from(input_files: str | Sequence[str], base: Path) -> list[Path]:
     """The image paths named by ``input_files``: image paths, or a CSV/JSON list file (see :func:`_list_file_names`).
 
     A relative path is looked up under ``base`` (``input_dir``), then (for a list file) beside the
-    list file, then in the current directory; the first place where it exists is used.
+    list file, then in the current directory; the first place where it exists is used.  A
+    multi-frame DICOM file stands for its frames (``clip.dcm#1`` ...), and a frame named as
+    ``clip.dcm::3`` (how monai.bundle passes ``#``) is returned as ``clip.dcm#3``.
     """
     if isinstance(input_files, (str, Path)) and str(input_files).lower().endswith((".json", ".csv")):
         list_file = Path(input_files)
@@ -713,13 +719,15 @@ def _files_from(input_files: str | Sequence[str], base: Path) -> list[Path]:
         bases = [base, Path.cwd()]
         names = [str(input_files)] if isinstance(input_files, (str, Path)) else [str(n) for n in input_files]
     paths: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[tuple[Path, int | None]] = set()
     for name in names:
         candidates = [Path(name)] if Path(name).is_absolute() else [b / name for b in bases]
         path = next((c for c in candidates if Path(split_frame(c)[0]).exists()), candidates[0])
-        if path.resolve() not in seen:  # a file named twice is predicted once
-            seen.add(path.resolve())
-            paths.append(path)
+        for image in expand_frames(path):  # a multi-frame file named without a frame stands for all its frames
+            file, frame = split_frame(image)
+            if (Path(file).resolve(), frame) not in seen:  # a file or frame named twice (also within its clip) is predicted once
+                seen.add((Path(file).resolve(), frame))
+                paths.append(Path(frame_name(image)))
     return paths
 
 
@@ -759,15 +767,7 @@ def scan_inputs(
     out = Path(output_dir).resolve() if output_dir is not None else None
     # earlier predictions written into a sub-folder of input_dir are not inputs
     exclude = out if out is not None and folder.is_dir() and folder.resolve() in out.parents else None
-    if input_files is None:
-        candidates = _image_files(folder, frames=True)
-    else:  # a multi-frame file named without a frame stands for all its frames
-        candidates, seen = [], set()
-        for f in (f for p in _files_from(input_files, folder) for f in expand_frames(p)):
-            file, frame = split_frame(f)
-            if (Path(file).resolve(), frame) not in seen:  # a frame named alone and within its file is predicted once
-                seen.add((Path(file).resolve(), frame))
-                candidates.append(Path(frame_name(f)))
+    candidates = _image_files(folder, frames=True) if input_files is None else _files_from(input_files, folder)
     scan = InputScan(input_dir=str(folder) if input_files is None else "")
     readable: list[Path] = []
     reported: set[tuple[str, str]] = set()
@@ -775,12 +775,13 @@ def scan_inputs(
     for path in candidates:
         if exclude is not None and exclude in path.resolve().parents:
             continue
-        reason, mode = ("file not found", "") if not Path(split_frame(path)[0]).is_file() else _readable(path)
+        file = split_frame(path)[0]
+        reason, mode = ("file not found", "") if not Path(file).is_file() else _readable(path)
         if reason is None:
             readable.append(path)
             modes[mode] += 1
-        elif (split_frame(path)[0], reason) not in reported:  # a damaged clip is reported once, not once per frame
-            reported.add((split_frame(path)[0], reason))
+        elif (file, reason) not in reported:  # a damaged clip is reported once, not once per frame
+            reported.add((file, reason))
             scan.skipped.append({"file": str(path), "reason": reason})
             logger.warning("skipping unreadable file %s (%s)", path, reason)
     if not readable:

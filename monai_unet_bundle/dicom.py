@@ -39,7 +39,7 @@ from monai.utils import ensure_tuple
 from monai_unet_bundle.errors import BundleInputError, short_reason
 
 __all__ = [
-    "DICOM_GROUP_PREFIXES",
+    "DICOM_GROUP_NAMES",
     "DICOM_SUFFIXES",
     "SEG_SOP_CLASS",
     "DicomReader",
@@ -62,6 +62,16 @@ __all__ = [
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom")
 #: Segmentation Storage
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+def _is_seg(ds) -> bool:
+    """Whether a dataset is a DICOM Segmentation."""
+    return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def _transfer_syntax(ds):
+    """The dataset's transfer syntax UID, or None when it has no file meta."""
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 _NOT_IMAGES = {"dicomdir"}
 #: modalities of DICOM objects that hold no image (reports, annotations, plans, waveforms)
@@ -136,23 +146,29 @@ def quiet():
         yield
 
 
-def read_dataset(path: PathLike):
-    """The whole dataset of a DICOM file; each thread keeps the last one it read, so the frames of a clip read it once."""
+def _cached(path: PathLike, header_only: bool):
+    """The dataset of a DICOM file, whole or without pixel data; each thread keeps the last one of each kind
+    it read, so the frames of a clip (read one after another) read their file once."""
     file, _ = split_frame(path)
     stat = os.stat(file)
     key = f"{os.path.abspath(file)}|{stat.st_size}|{stat.st_mtime_ns}"
-    if getattr(_CACHE, "key", None) != key:
+    kind = "header" if header_only else "whole"
+    cached_key, dataset = getattr(_CACHE, kind, (None, None))
+    if cached_key != key:
         with quiet():
-            dataset = _pydicom().dcmread(file, force=True)
-        _CACHE.key, _CACHE.dataset = key, dataset
-    return _CACHE.dataset
+            dataset = _pydicom().dcmread(file, stop_before_pixels=header_only, force=True)
+        setattr(_CACHE, kind, (key, dataset))
+    return dataset
+
+
+def read_dataset(path: PathLike):
+    """The whole dataset of a DICOM file (see :func:`_cached`)."""
+    return _cached(path, header_only=False)
 
 
 def read_header(path: PathLike):
     """The dataset of a DICOM file without its pixel data (fast; for grouping, frame counts and spacing)."""
-    file, _ = split_frame(path)
-    with quiet():
-        return _pydicom().dcmread(file, stop_before_pixels=True, force=True)
+    return _cached(path, header_only=True)
 
 
 def frame_count(ds) -> int:
@@ -183,8 +199,8 @@ def _shared_measures(ds) -> list:
         return []
 
 
-#: how the group keys :func:`dicom_group` makes begin (messages name such a group only as "one patient")
-DICOM_GROUP_PREFIXES = ("patient-", "study-")
+#: how the group keys :func:`dicom_group` makes begin, and how messages name such a group (never by its key)
+DICOM_GROUP_NAMES = {"patient-": "one patient (same PatientID)", "study-": "one study (same StudyInstanceUID)"}
 
 
 def dicom_group(path: PathLike) -> str | None:
@@ -194,15 +210,15 @@ def dicom_group(path: PathLike) -> str | None:
     reversed by trying every id, so the key is never shown: messages say "one patient" and list files.
     """
     ds = read_header(path)
-    for key in ("PatientID", "StudyInstanceUID"):
+    for key, prefix in zip(("PatientID", "StudyInstanceUID"), DICOM_GROUP_NAMES):
         value = str(ds.get(key, "") or "").strip()
         if value:
-            return f"{'patient' if key == 'PatientID' else 'study'}-" + hashlib.sha256(value.encode()).hexdigest()[:16]
+            return prefix + hashlib.sha256(value.encode()).hexdigest()[:16]
     return None
 
 
 def _syntax_name(ds) -> str:
-    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    uid = _transfer_syntax(ds)
     if uid is None:
         return "an unknown transfer syntax"
     return f"{getattr(uid, 'name', uid)} ({uid})"
@@ -221,7 +237,7 @@ _DECODERS = {
 
 def _remedy(ds) -> str:
     """What to do about pixel data that cannot be decoded: the package to install, or a conversion."""
-    uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    uid = str(_transfer_syntax(ds) or "")
     package = next((name for prefix, name in _DECODERS.items() if uid.startswith(prefix)), None)
     if package:
         return f"whose decoder is missing or failed: pip install {package}, or convert the file to an uncompressed syntax (e.g. with dcmdjpeg or gdcmconv)"
@@ -229,12 +245,10 @@ def _remedy(ds) -> str:
 
 
 def _decode(ds, frame: int | None, file: str, every_frame: bool = False) -> np.ndarray:
-    """Pixel array of one frame (or the only one, or ``every_frame``), colour as RGB; a clear error when undecodable."""
-    with quiet():
-        return _decode_loudly(ds, frame, file, every_frame)
+    """Pixel array of one frame (or the only one, or ``every_frame``), colour as RGB; a clear error when undecodable.
 
-
-def _decode_loudly(ds, frame: int | None, file: str, every_frame: bool = False) -> np.ndarray:
+    Call it inside :func:`quiet`: decoders warn about odd attribute values by quoting them.
+    """
     frames = frame_count(ds)
     if frame is not None and frame > frames:
         raise BundleInputError(f"{file} has {frames} frame(s), so frame {frame} does not exist.")
@@ -258,7 +272,7 @@ def _decode_loudly(ds, frame: int | None, file: str, every_frame: bool = False) 
             kind = str(ds.get("Modality", "") or "")
             why = f"it is a DICOM {kind} object, not an image" if kind in _NOT_IMAGE_MODALITIES else "it is damaged, truncated or not an image: export it again"
             raise BundleInputError(f"{file} holds no pixel data: {why}.") from None
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax = _transfer_syntax(ds)
         if syntax is not None and getattr(syntax, "is_compressed", True) is False:
             raise BundleInputError(f"{file} has damaged or truncated pixel data ({short_reason(exc)}): export the file again.") from None
         raise BundleInputError(f"{file} cannot be decoded: its transfer syntax is {_syntax_name(ds)}, {_remedy(ds)}.") from None
@@ -333,9 +347,10 @@ def inspect_dicom(path: PathLike) -> tuple[tuple[int, int], str]:
     """
     file, frame = split_frame(path)
     ds = read_dataset(file)
-    if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+    if _is_seg(ds):
         raise BundleInputError(f"{file} is a DICOM Segmentation (a mask), not an image: keep it with the masks.")
-    arr = _decode(ds, frame, file)
+    with quiet():
+        arr = _decode(ds, frame, file)
     return tuple(int(v) for v in arr.shape[:2]), f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()}"
 
 
@@ -379,7 +394,7 @@ class DicomReader(ImageReader):
         arrays: list[np.ndarray] = []
         compatible: dict = {}
         for ds, frame, file in img:
-            if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+            if _is_seg(ds):
                 if self.kind != "mask":
                     raise BundleInputError(f"{file} is a DICOM Segmentation (a mask), not an image: keep it with the masks.")
                 arr = _seg_label_map(ds, frame, file)
@@ -394,7 +409,7 @@ class DicomReader(ImageReader):
                 "format": "DICOM",
                 "modality": str(ds.get("Modality", "")),
                 "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")),
-                "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")),
+                "transfer_syntax": str(_transfer_syntax(ds) or ""),
                 "frame": int(frame or 1),
                 "number_of_frames": frame_count(ds),
                 # (row, column) spacing in mm; NaN where the file gives none
@@ -415,7 +430,7 @@ def expand_frames(path: Path) -> list[str]:
         ds = read_header(path)
     except Exception:  # unreadable: listed as it is, so the data check reports it
         return [str(path)]
-    if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+    if _is_seg(ds):
         return [str(path)]
     frames = frame_count(ds)
     return [str(path)] if frames == 1 else [f"{path}#{i}" for i in range(1, frames + 1)]
@@ -429,7 +444,7 @@ def seg_references(path: PathLike) -> set[tuple[str, int | None]] | None:
         ds = read_header(path)
     except Exception:  # unreadable: not usable as a mask (the data check reports it if it is paired)
         return None
-    if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+    if not _is_seg(ds):
         return None
     found: set[tuple[str, int | None]] = set()
     for series in ds.get("ReferencedSeriesSequence", []) or []:

@@ -45,9 +45,6 @@ _EQUIPMENT_IDENTIFIERS = (
 )
 #: attributes of a multi-frame source that do not describe one frame
 _MULTI_FRAME_ONLY = ("NumberOfFrames", "FrameIncrementPointer", "FrameTime", "FrameTimeVector", "FrameDelay", "ActualFrameDuration")
-
-
-
 #: what a DA, TM or DT value must look like (the standard's forms); highdicom refuses a source with any other
 _VALID_TIME = {
     "DA": re.compile(r"\d{8}"),

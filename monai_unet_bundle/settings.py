@@ -199,6 +199,12 @@ def _text(value: Any, _: Mapping[str, Any]) -> str | None:
     return None if isinstance(value, str) else "text"
 
 
+def _output_format(value: Any, values: Mapping[str, Any]) -> str | None:
+    from monai_unet_bundle.writers import OUTPUT_FORMATS  # imported here: writers imports this module (through transforms)
+
+    return _choice(*OUTPUT_FORMATS)(value, values)
+
+
 def _regex(value: Any, _: Mapping[str, Any]) -> str | None:
     if value is None:
         return None
@@ -269,7 +275,7 @@ SETTINGS: dict[str, Check] = {
     "save_probabilities": _boolean,
     "rle_csv": _optional_csv,
     "rle_order": _choice("row", "column"),
-    "output_format": _choice("auto", "png", "dicom_seg", "png+dicom_seg"),
+    "output_format": lambda value, values: _output_format(value, values),
 }
 
 

@@ -36,14 +36,18 @@ def is_nifti(path: str | PathLike) -> bool:
     return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
+def _check_format(output_format: str) -> None:
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+
+
 def mask_suffixes(source: str | PathLike, output_format: str = "auto") -> tuple[str, ...]:
     """The mask files written for ``source``, by suffix: ``(".nii.gz",)``, ``(".png",)``, ``(".dcm",)`` or both of the last.
 
     NIfTI inputs always give NIfTI masks and non-DICOM 2D images PNG masks; for DICOM inputs,
     ``auto`` and ``dicom_seg`` write a DICOM Segmentation, ``png`` a PNG, ``png+dicom_seg`` both.
     """
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    _check_format(output_format)
     if is_nifti(source):
         return (".nii.gz",)
     if not is_dicom(source):
@@ -96,7 +100,7 @@ class SaveMaskd(SaveImaged):
         self.num_classes = num_classes
         self.output_dir = Path(output_dir)
         self.name_key = name_key
-        mask_suffixes("", output_format)  # refuses an unknown format now, not at the first DICOM input
+        _check_format(output_format)  # an unknown format is refused now, not at the first DICOM input
         self.output_format = output_format
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self._seg_writer = None

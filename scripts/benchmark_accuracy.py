@@ -60,13 +60,18 @@ from monai_unet_bundle.transforms import EnsureChannelsd, MaskToIndex, mask_load
 # ------------------------------------------------------------------------------------------------ data
 
 
+#: the bundle's readers, built once (building a LoadImage registers every MONAI reader, which takes time
+#: the plain side's budget would pay for each image)
+_LOAD_IMAGE = LoadImage(reader=Auto2DReader(kind="image"), image_only=True, ensure_channel_first=True)
+_LOAD_MASK = mask_loader()
+
+
 def data_settings(pairs: list[dict[str, str]]) -> tuple[int, int]:
     """(num_classes, in_channels) a user would pass for these pairs: binary 0/1 or 0/255 masks are 2
     classes, index masks max + 1; colour images anywhere make 3 channels."""
     values: set[int] = set()
-    load = mask_loader()
     for pair in pairs:
-        values.update(int(v) for v in np.unique(np.asarray(load(pair["label"]))[:1]))
+        values.update(int(v) for v in np.unique(np.asarray(_LOAD_MASK(pair["label"]))[:1]))
     num_classes = 2 if values <= {0, 1} or values <= {0, 255} else max(values) + 1
     channels = 3 if any(mode_channels(inspect_image(p["image"])[1]) == 3 for p in pairs) else 1
     return num_classes, channels
@@ -74,11 +79,10 @@ def data_settings(pairs: list[dict[str, str]]) -> tuple[int, int]:
 
 def load_pair(pair: dict[str, str], channels: int, to_index: MaskToIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """Image (C, W, H) scaled to [0, 1] and mask (W, H) class indices, as the bundle's readers load them."""
-    image = LoadImage(reader=Auto2DReader(kind="image"), image_only=True, ensure_channel_first=True)(pair["image"])
-    image = EnsureChannelsd("image", channels).convert(image).float()
+    image = EnsureChannelsd("image", channels).convert(_LOAD_IMAGE(pair["image"])).float()
     lo, hi = float(image.min()), float(image.max())
     image = (image - lo) / (hi - lo) if hi > lo else image * 0
-    mask = to_index(mask_loader()(pair["label"]))
+    mask = to_index(_LOAD_MASK(pair["label"]))
     return torch.as_tensor(np.asarray(image)), torch.as_tensor(np.asarray(mask))[0].long()
 
 
