@@ -38,10 +38,12 @@ class TimeBudget:
     Args:
         minutes: the budget, or ``None`` for none (the handler then does nothing).
         optimizer: the optimizer whose learning rate is annealed (with ``anneal``).
-        anneal: follow a cosine from each group's initial rate to ``final_fraction`` of it over the
-            budget (the bundle passes ``lr_schedule == 'cosine'``); otherwise the schedule is left alone.
+        anneal: follow the schedule's curve (``shape``) from each group's initial rate to ``final_fraction``
+            of it over the budget (the bundle passes ``lr_schedule`` in cosine, poly); otherwise the
+            schedule is left alone.
         validator: the validation engine, run once on the weights the budget stopped at.
         final_fraction: the rate at the end of the budget, as a fraction of the initial one.
+        shape: ``cosine`` (half a cosine) or ``poly`` (``(1 - t) ** 0.9``, nnU-Net's decay), over elapsed time.
         clock: seconds from some fixed point (``time.monotonic``; tests pass their own).
 
     Raises:
@@ -56,6 +58,7 @@ class TimeBudget:
         validator: Engine | None = None,
         final_fraction: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
+        shape: str = "cosine",
     ) -> None:
         if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
             raise BundleInputError(f"time_budget_minutes must be a number above 0 (or null for none), got {minutes!r}.")
@@ -65,6 +68,7 @@ class TimeBudget:
         self.validator = validator
         self.final_fraction = float(final_fraction)
         self.clock = clock
+        self.shape = shape
         self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
         self.spent_before = 0.0  # seconds spent by earlier runs of this training (from the resume checkpoint)
         self._start: float | None = None
@@ -121,8 +125,12 @@ class TimeBudget:
         return spent
 
     def learning_rate_factor(self, spent: float) -> float:
-        """The cosine's factor after ``spent`` seconds: 1 at the start, ``final_fraction`` at the end of the budget."""
+        """The curve's factor after ``spent`` seconds: 1 at the start, ``final_fraction`` at the end of the budget."""
         progress = min(1.0, max(0.0, spent / self.seconds))
+        if self.shape == "poly":
+            from monai_unet_bundle.schedules import poly_factor
+
+            return self.final_fraction + (1.0 - self.final_fraction) * poly_factor(progress)
         return self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _set_lr(self, engine: Engine) -> None:

@@ -359,12 +359,17 @@ class BestModelSaver:
         network: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
         save_path: where the state dict goes, e.g. ``models/model.pt``.
         metric_name: the evaluator metric to maximise.
+        plan: the training plan (:mod:`monai_unet_bundle.plan`), written as ``plan.json`` beside the
+            model whenever the model is, so evaluation and inference build what was trained.
     """
 
-    def __init__(self, network: torch.nn.Module, save_path: str | Path, metric_name: str = "val_mean_dice") -> None:
+    def __init__(
+        self, network: torch.nn.Module, save_path: str | Path, metric_name: str = "val_mean_dice", plan: Mapping[str, Any] | None = None
+    ) -> None:
         self.network = network
         self.save_path = Path(save_path)
         self.metric_name = metric_name
+        self.plan = plan
         self.best_metric = -math.inf
         self.best_epoch = 0
 
@@ -381,6 +386,10 @@ class BestModelSaver:
         self.best_metric, self.best_epoch = score, int(engine.state.epoch)
         if idist.get_rank() == 0:
             net = getattr(self.network, "module", self.network)
+            if self.plan is not None:  # first, so a model.pt is never beside another run's plan
+                from monai_unet_bundle.plan import PLAN_FILE, write_plan
+
+                write_plan(self.plan, self.save_path.parent / PLAN_FILE)
             atomic_save(net.state_dict(), self.save_path)
             logger.info("saved the best model so far (%s %.4f, epoch %d) to %s", self.metric_name, score, self.best_epoch, self.save_path)
 

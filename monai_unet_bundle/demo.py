@@ -133,14 +133,20 @@ def write_demo_dataset(
     return out
 
 
-def demo_dir(bundle_root: str | Path, num_classes: int = 2) -> str:
-    """Where the demo set for ``num_classes`` lives: ``data/demo`` (binary) or ``data/demo_<K>class``."""
+def _demo_classes(num_classes: int | str) -> int:
+    """The demo's class count for the ``num_classes`` setting: ``auto`` (or anything but a whole number) is binary."""
+    return num_classes if isinstance(num_classes, int) and not isinstance(num_classes, bool) else 2
+
+
+def demo_dir(bundle_root: str | Path, num_classes: int | str = 2) -> str:
+    """Where the demo set for ``num_classes`` lives: ``data/demo`` (binary or ``auto``) or ``data/demo_<K>class``."""
+    num_classes = _demo_classes(num_classes)
     name = "demo" if num_classes == 2 else f"demo_{num_classes}class"
     return str(Path(bundle_root) / "data" / name)
 
 
 def ensure_demo_dataset(
-    dataset_dir: str | Path, demo_dir: str | Path, n_images: int = 100, seed: int = 0, num_classes: int = 2
+    dataset_dir: str | Path, demo_dir: str | Path, n_images: int = 100, seed: int = 0, num_classes: int | str = 2
 ) -> str:
     """Create the demo set in ``demo_dir`` when ``dataset_dir`` points there and it is not there yet.
 
@@ -153,6 +159,7 @@ def ensure_demo_dataset(
         ``dataset_dir`` as a string, for use in config expressions.
     """
     dataset, demo = Path(dataset_dir), Path(demo_dir)
+    num_classes = _demo_classes(num_classes)
     if dataset.resolve() != demo.resolve() or (demo / "images").is_dir():
         return str(dataset_dir)
     demo.parent.mkdir(parents=True, exist_ok=True)

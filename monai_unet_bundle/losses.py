@@ -27,6 +27,7 @@ from monai.losses import DiceLoss, FocalLoss
 from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.data import fingerprint
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import flag
 from monai_unet_bundle.transforms import MaskToIndexd, mask_loader
 
 __all__ = [
@@ -72,6 +73,9 @@ class SegmentationLoss(torch.nn.Module):
         name: one of :data:`LOSS_TERMS`.
         num_classes: channels of the logits, background included.
         class_weights: ``None`` or ``num_classes`` non-negative weights, background first.
+        batch_dice: compute the Dice (and Jaccard) terms over the whole batch as one volume, as
+            nnU-Net does, instead of per image and then averaged; images with little or no
+            foreground then no longer give large, noisy Dice losses.
 
     Raises:
         BundleInputError: for an unknown name, a weight vector of the wrong length, ``bce`` with more
@@ -83,7 +87,9 @@ class SegmentationLoss(torch.nn.Module):
         0
     """
 
-    def __init__(self, name: str, num_classes: int, class_weights: Sequence[float] | torch.Tensor | None = None) -> None:
+    def __init__(
+        self, name: str, num_classes: int, class_weights: Sequence[float] | torch.Tensor | None = None, batch_dice: bool = False
+    ) -> None:
         super().__init__()
         if name not in LOSS_TERMS:
             raise BundleInputError(f"loss_name {name!r} is not supported: use one of {', '.join(LOSS_TERMS)}.")
@@ -94,8 +100,9 @@ class SegmentationLoss(torch.nn.Module):
         self.name, self.num_classes, self.terms = name, num_classes, LOSS_TERMS[name]
         weight = None if class_weights is None else _check_weights(class_weights, num_classes)
         self.register_buffer("class_weight", weight)
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, weight=weight)
-        self.jaccard = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, weight=weight, jaccard=True)
+        batch = flag(batch_dice, "batch_dice")
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, weight=weight, batch=batch)
+        self.jaccard = DiceLoss(to_onehot_y=True, softmax=True, include_background=True, weight=weight, jaccard=True, batch=batch)
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, include_background=True, gamma=2.0, weight=weight)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,17 +161,19 @@ def resolve_class_weights(
 ) -> list[float] | None:
     """Turn the ``class_weights`` setting into a weight vector (or ``None``).
 
-    ``"auto"`` (the default for ``weighted_ce``) computes :func:`inverse_frequency_weights` from the
-    training masks once and caches the result in ``cache_dir`` keyed by the files' paths, sizes and
+    ``"inverse_frequency"`` (the plan's choice for ``weighted_ce``; ``"auto"`` means the same here)
+    computes :func:`inverse_frequency_weights` from the training masks once and caches the result in ``cache_dir`` keyed by the files' paths, sizes and
     modification times.  The vector used is logged.
     """
     if class_weights is None and loss_name == "weighted_ce":
-        class_weights = "auto"
+        class_weights = "inverse_frequency"
     if class_weights is None:
         return None
     if isinstance(class_weights, str):
-        if class_weights != "auto":
-            raise BundleInputError(f"class_weights must be \"auto\", null or a list of {num_classes} numbers, got {class_weights!r}.")
+        if class_weights not in ("auto", "inverse_frequency"):
+            raise BundleInputError(
+                f"class_weights must be auto, inverse_frequency, null or a list of {num_classes} numbers, got {class_weights!r}."
+            )
         files = [d["label"] for d in training_data]
         cache = Path(cache_dir) / f"class_weights_{_cache_key(files, num_classes)}.json"
         if cache.is_file():

@@ -3,7 +3,10 @@
 ``cosine`` (default) decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
 by ten at the ``patience``-th validation in a row without a better score (5 by default: the 5th),
 then counts again from zero; ``step`` halves it every ``max(1, max_epochs // 4)`` epochs;
-``constant`` keeps it.
+``constant`` keeps it; ``poly`` follows ``(1 - epoch / max_epochs) ** 0.9`` (nnU-Net's decay).
+
+:func:`build_optimizer` builds the optimizer by name: ``adam`` (the default) or ``sgd`` (Nesterov
+momentum 0.99, as nnU-Net trains; give it a higher ``learning_rate`` such as 0.01).
 """
 
 from __future__ import annotations
@@ -16,11 +19,41 @@ from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["SCHEDULES", "LrScheduleStepper", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "LrScheduleStepper", "build_optimizer", "build_scheduler", "poly_factor"]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "plateau", "step", "constant")
+SCHEDULES = ("cosine", "plateau", "step", "constant", "poly")
+OPTIMIZERS = ("adam", "sgd")
+#: the exponent of the polynomial decay
+POLY_POWER = 0.9
+
+
+def poly_factor(progress: float) -> float:
+    """The polynomial decay's factor at ``progress`` (0 at the start, 1 at the end): ``(1 - progress) ** 0.9``."""
+    return max(0.0, 1.0 - min(1.0, max(0.0, progress))) ** POLY_POWER
+
+
+#: the learning rate ``learning_rate: auto`` gives each optimizer
+DEFAULT_RATES = {"adam": 1e-3, "sgd": 1e-2}
+
+
+def build_optimizer(name: str, params, lr: float | str, weight_decay: float = 3e-5) -> torch.optim.Optimizer:
+    """``adam`` (Adam) or ``sgd`` (SGD with Nesterov momentum 0.99 and weight decay 3e-5, nnU-Net's choice).
+
+    ``lr="auto"`` is 0.001 for Adam and 0.01 for SGD (:data:`DEFAULT_RATES`).
+
+    Raises:
+        BundleInputError: for a name not in :data:`OPTIMIZERS`.
+    """
+    if isinstance(lr, str) and lr.strip().lower() == "auto" and name in DEFAULT_RATES:
+        lr = DEFAULT_RATES[name]
+        logger.info("learning rate (auto for %s): %g", name, lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
+    raise BundleInputError(f"optimizer_name {name!r} is not supported: use one of {', '.join(OPTIMIZERS)}.")
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int, patience: int = 5):
@@ -47,6 +80,9 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(max_epochs) // 4), gamma=0.5)
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    if name == "poly":
+        total = max(1, int(max_epochs))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: max(poly_factor(epoch / total), 0.01))
     raise BundleInputError(f"lr_schedule {name!r} is not supported: use one of {', '.join(SCHEDULES)}.")
 
 

@@ -116,12 +116,25 @@ def _choice(*choices: str) -> Check:
     return check
 
 
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def _num_classes(value: Any, _: Mapping[str, Any]) -> str | None:
-    return None if _is_int(value) and value >= 2 else "a whole number of at least 2 (classes including background; 2 = binary)"
+    if _is_auto(value) or (_is_int(value) and value >= 2):
+        return None
+    return "auto (read from the masks) or a whole number of at least 2 (classes including background; 2 = binary)"
 
 
 def _in_channels(value: Any, _: Mapping[str, Any]) -> str | None:
-    return None if _is_int(value) and value in (1, 3) else "1 (grayscale) or 3 (RGB)"
+    return None if _is_auto(value) or (_is_int(value) and value in (1, 3)) else "auto (from the images), 1 (grayscale) or 3 (RGB)"
+
+
+def _auto_or_integer(minimum: int) -> Check:
+    def check(value: Any, _: Mapping[str, Any]) -> str | None:
+        return None if _is_auto(value) or (_is_int(value) and value >= minimum) else f"auto or a whole number of at least {minimum}"
+
+    return check
 
 
 def _workers(value: Any, _: Mapping[str, Any]) -> str | None:
@@ -131,12 +144,16 @@ def _workers(value: Any, _: Mapping[str, Any]) -> str | None:
 def _spatial_size(value: Any, _: Mapping[str, Any]) -> str | None:
     from monai_unet_bundle.networks import check_spatial_size
 
+    if _is_auto(value):
+        return None
     check_spatial_size(value)  # its own sentence names the nearest valid size
     return None
 
 
 def _class_names(value: Any, values: Mapping[str, Any]) -> str | None:
     k = values.get("num_classes")
+    if _is_auto(value):
+        return None
     ok = isinstance(value, (list, tuple)) and all(isinstance(n, str) and n.strip() for n in value)
     ok = ok and len({str(n).strip().lower() for n in value}) == len(value)
     if ok and (not _is_int(k) or len(value) == k):
@@ -147,11 +164,11 @@ def _class_names(value: Any, values: Mapping[str, Any]) -> str | None:
 
 def _class_weights(value: Any, values: Mapping[str, Any]) -> str | None:
     k = values.get("num_classes")
-    if value is None or value == "auto":
+    if value is None or value in ("auto", "inverse_frequency"):
         return None
     if isinstance(value, (list, tuple)) and all(_is_number(w) and w >= 0 for w in value) and (not _is_int(k) or len(value) == k):
         return None
-    return f"null, auto, or a list of {k if _is_int(k) else 'num_classes'} numbers of at least 0, background first"
+    return f"null, auto, inverse_frequency, or a list of {k if _is_int(k) else 'num_classes'} numbers of at least 0, background first"
 
 
 def _device(value: Any, _: Mapping[str, Any]) -> str | None:
@@ -232,6 +249,8 @@ SETTINGS: dict[str, Check] = {
     "class_names": _class_names,
     "in_channels": _in_channels,
     "spatial_size": _spatial_size,
+    "input_size": _auto_or_integer(2 * 16),
+    "normalization": _choice("auto", "unit", "zscore", "minmax"),
     # network
     "architecture": _choice("basic_unet", "unet"),
     "base_features": _integer(1),
@@ -241,12 +260,16 @@ SETTINGS: dict[str, Check] = {
     ),
     # training
     "max_epochs": _integer(1),
-    "batch_size": _integer(1),
-    "learning_rate": _positive,
-    "lr_schedule": _choice("cosine", "plateau", "step", "constant"),
+    "batch_size": _auto_or_integer(1),
+    "learning_rate": lambda value, _: None if _is_auto(value) or (_is_number(value) and value > 0) else "auto or a number above 0",
+    "lr_schedule": _choice("cosine", "plateau", "step", "constant", "poly"),
+    "optimizer_name": _choice("adam", "sgd"),
+    "augmentation": _choice("none", "light", "default", "heavy"),
+    "mirror": _boolean,
     "time_budget_minutes": lambda value, _: None if value is None or (_is_number(value) and value > 0) else "null or a number of minutes above 0, e.g. 20",
     "loss_name": _choice("dice_ce", "dice", "ce", "bce", "focal", "dice_focal", "jaccard_bce", "mse", "weighted_ce"),
     "class_weights": _class_weights,
+    "batch_dice": _boolean,
     "val_interval": _integer(1),
     "early_stop_patience": _integer(0),
     "early_stop_min_delta": _non_negative,

@@ -4,6 +4,8 @@
   ``in_channels`` (1 or 3), so a folder that mixes them trains.
 * :class:`ReloadLabeld` reads a mask again from its file at the original size, so evaluation scores
   predictions mapped back to the original size against the untouched ground truth.
+* :class:`NormalizeImaged` maps intensities to the network's range by the plan's ``normalization``
+  (8-bit images divided by 255, wide ones by a clipped per-image z-score, or per-image min-max).
 * :class:`MaskToIndex` turns a mask into a one-channel class-index map (0..num_classes-1), accepting
   binary masks saved 0/1 or 0/255 and refusing values that map to no class, naming the file;
   :class:`MaskToIndexd` is its dictionary wrapper, as MONAI pairs array and dictionary transforms.
@@ -28,6 +30,7 @@ __all__ = [
     "EnsureChannelsd",
     "MaskToIndex",
     "MaskToIndexd",
+    "NormalizeImaged",
     "ReloadLabeld",
     "channel_conversion_note",
     "item_source",
@@ -152,6 +155,53 @@ class EnsureChannelsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.convert(d[key])
+        return d
+
+
+#: ``normalization`` modes :class:`NormalizeImaged` applies (the plan's ``NORMALIZATIONS`` says what each does)
+NORMALIZATION_MODES = ("unit", "zscore", "minmax")
+
+
+class NormalizeImaged(MapTransform):
+    """Map image intensities to the range the network trains on, per the ``normalization`` setting.
+
+    * ``unit``: divide by 255, so 8-bit images (photographs, screenshots) land in [0, 1] and keep
+      their brightness relative to each other;
+    * ``zscore``: per image, clip to the 0.5 and 99.5 percentiles (a few hot or dead pixels do not
+      set the scale), then subtract the mean and divide by the standard deviation: for 16-bit
+      X-rays, float and NIfTI images whose ranges differ from scanner to scanner;
+    * ``minmax``: per image, the darkest pixel to 0 and the brightest to 1 (the bundle's behaviour
+      before it planned the normalisation).
+
+    Every channel of an image shares one scale, so colours keep their balance.
+    """
+
+    def __init__(self, keys: KeysCollection, mode: str = "minmax", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if mode not in NORMALIZATION_MODES:
+            raise BundleInputError(f"normalization must be auto or one of {', '.join(NORMALIZATION_MODES)}, got {mode!r}.")
+        self.mode = mode
+
+    def normalize(self, img: torch.Tensor) -> torch.Tensor:
+        """One channel-first image, normalised (a ``MetaTensor`` keeps its metadata)."""
+        x = img.float() if isinstance(img, torch.Tensor) else torch.as_tensor(np.asarray(img), dtype=torch.float32)
+        if self.mode == "unit":
+            return x / 255.0
+        if self.mode == "minmax":
+            lo, hi = x.min(), x.max()
+            return (x - lo) / (hi - lo) if hi > lo else x * 0
+        flat = x.detach().reshape(-1)
+        if flat.numel() > 1_000_000:  # percentiles of a large image from a fixed subsample
+            flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000, dtype=torch.long, device=flat.device)]
+        lo, hi = torch.quantile(flat.double(), torch.tensor([0.005, 0.995], dtype=torch.double, device=flat.device)).tolist()
+        x = x.clamp(lo, hi)
+        sd = float(x.std())
+        return (x - x.mean()) / sd if sd > 0 else x * 0
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.normalize(d[key])
         return d
 
 

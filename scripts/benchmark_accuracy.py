@@ -5,9 +5,12 @@ built-in demo sets, made in code: synthetic, so they check the script rather tha
 
 * a seeded split, which keeps groups (patients) together, holds out ``--test_fraction`` of the pairs
   as the test set;
-* **bundle**: ``configs/train.json`` through ``python -m monai.bundle run`` with
-  ``--time_budget_minutes M`` (early stopping and model selection on its own validation split as
-  usual), then ``configs/evaluate.json`` on the test pairs at their original size;
+* **auto**: ``configs/train.json`` through ``python -m monai.bundle run`` given nothing but the data
+  (``--dataset_dir``, the datalist of the split) and ``--time_budget_minutes M``: every other setting
+  is planned from the data (see ``monai_unet_bundle/plan.py``); then ``configs/evaluate.json`` on the
+  test pairs at their original size;
+* **explicit**: the same, with the plain loop's classes, channels, square input size, batch size and
+  width given explicitly and the settings' defaults before plans (per-image min-max, no class weights);
 * **plain**: a hand-written loop as a research group writes it: a 5-level U-Net (two 3x3 conv + batch
   norm + ReLU per level, max-pool, transposed conv, skip concatenation), Adam at 1e-3, cross-entropy,
   every image resized to the input size, random flips; it trains on all training pairs for as much
@@ -15,9 +18,9 @@ built-in demo sets, made in code: synthetic, so they check the script rather tha
   included; the plain loop's reading of the data counts too) and keeps its last weights; its test
   predictions are resized back and scored at original size with the bundle's own metric code.
 
-Both sides get the same classes, channels, input size, batch size and network width, taken from the
-data (mask values and image modes) and the options.  The sides run one after the other, each alone on
-the machine.  It prints a table (test Dice per class and mean foreground Dice, averaged over test
+The explicit side and the plain loop get the same classes, channels, input size, batch size and network
+width, taken from the data (mask values and image modes) and the options.  The sides run one after the
+other, each alone on the machine; the plain loop gets the wall time of the first bundle side.  It prints a table (test Dice per class and mean foreground Dice, averaged over test
 images) and writes JSON.  Real data sets are not part of the repository; pass their folders.
 
     python scripts/benchmark_accuracy.py --minutes 2 --sets demo
@@ -34,6 +37,7 @@ import argparse
 import csv
 import json
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -175,7 +179,7 @@ def summarise(matrices: list[np.ndarray]) -> dict:
 
 
 def bundle_side(root: Path, datalist: Path, dataset: Path, settings: list[str], minutes: float) -> dict:
-    """Train through ``monai.bundle`` with the budget, evaluate on the test list; read its report."""
+    """Train through ``monai.bundle`` with the budget, evaluate on the test list; read its report (and its plan)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
     common = ["--bundle_root", str(root), "--dataset_dir", str(dataset), "--datalist", str(datalist), *settings]
     train = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "configs" / "train.json"), *common,
@@ -190,13 +194,20 @@ def bundle_side(root: Path, datalist: Path, dataset: Path, settings: list[str], 
     with open(root / "logs" / "curves.csv") as f:
         epochs = len(list(csv.DictReader(f)))
     means = report["mean_over_images"]
-    return {"epochs": epochs, "train_seconds": round(trained, 1), "mean_dice": means["mean_dice"], "dice": means["dice"]}
+    plan = json.loads((root / "models" / "plan.json").read_text())
+    planned = {k: plan[k] for k in ("spatial_size", "batch_size", "normalization", "class_weights", "in_channels", "num_classes")}
+    return {"epochs": epochs, "train_seconds": round(trained, 1), "mean_dice": means["mean_dice"], "dice": means["dice"], "plan": planned}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 #: the data sets made in code: name -> classes (synthetic: they check the script, they are not evidence)
 DEMOS = {"demo": 2, "demo_multiclass": 3}
+
+
+#: the sides, in the order they run: the bundle given only the data and the budget, the bundle given the plain loop's
+#: settings explicitly, and the plain loop
+SIDES = ("auto", "explicit", "plain")
 
 
 def run_set(name: str, folder: Path, args: argparse.Namespace, work: Path) -> dict:
@@ -208,25 +219,31 @@ def run_set(name: str, folder: Path, args: argparse.Namespace, work: Path) -> di
     datalist = work / f"{name}.json"
     datalist.write_text(json.dumps({"training": train, "test": test}))
     size = args.input_size
-    settings = ["--num_classes", str(num_classes), "--in_channels", str(channels), "--spatial_size", f"[{size},{size}]",
-                "--batch_size", str(args.batch_size), "--base_features", str(args.features), "--seed", str(args.seed)]
+    explicit = ["--num_classes", str(num_classes), "--in_channels", str(channels), "--spatial_size", f"[{size},{size}]",
+                "--batch_size", str(args.batch_size), "--base_features", str(args.features), "--seed", str(args.seed),
+                "--normalization", "minmax", "--class_weights", "None"]
     result = {"set": name, "folder": str(folder), "pairs": len(pairs), "test_pairs": len(test), "num_classes": num_classes,
               "in_channels": channels, "input_size": size, "minutes": args.minutes}
     print(f"{name}: {len(train)} training and {len(test)} test pairs, {num_classes} classes, {channels} channel(s)", flush=True)
-    result["bundle"] = bundle_side(work / f"{name}_bundle", datalist, folder, settings, args.minutes)
-    print(f"  bundle: test mean Dice {result['bundle']['mean_dice']:.4f} after {result['bundle']['epochs']} epochs", flush=True)
-    # equal wall time: the plain loop gets all the seconds the bundle's training process took (start-up, data check
-    # and caching included), not only its budget
-    plain_minutes = result["bundle"]["train_seconds"] / 60
-    result["plain"] = plain_side(train, test, num_classes, channels, size, args.batch_size, args.features, plain_minutes, args.seed)
-    print(f"  plain:  test mean Dice {result['plain']['mean_dice']:.4f} after {result['plain']['epochs']} epochs", flush=True)
+    wall = None
+    for side in args.sides:
+        if side == "plain":
+            # equal wall time: the plain loop gets all the seconds the bundle's training process took (start-up, data
+            # check and caching included), not only its budget
+            minutes = (wall or args.minutes * 60) / 60
+            result[side] = plain_side(train, test, num_classes, channels, size, args.batch_size, args.features, minutes, args.seed)
+        else:
+            settings = ["--seed", str(args.seed), *args.bundle_args] if side == "auto" else [*explicit, *args.bundle_args]
+            result[side] = bundle_side(work / f"{name}_{side}", datalist, folder, settings, args.minutes)
+            wall = wall or result[side]["train_seconds"]
+        print(f"  {side:8s}: test mean Dice {result[side]['mean_dice']:.4f} after {result[side]['epochs']} epochs", flush=True)
     return result
 
 
 def table(results: list[dict]) -> str:
     lines = ["| set | classes | side | wall s | epochs | test mean Dice | Dice per class (background first) |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        for side in ("bundle", "plain"):
+        for side in (s for s in SIDES if s in r):
             s = r[side]
             per_class = ", ".join(f"{d:.3f}" for d in s["dice"])
             lines.append(f"| {r['set']} | {r['num_classes']} | {side} | {s['train_seconds']:.0f} | {s['epochs']} | {s['mean_dice']:.4f} | {per_class} |")
@@ -244,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo_images", type=int, default=100, help="pairs in each demo set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="which sides to run (default: all three)")
+    parser.add_argument("--bundle_args", type=shlex.split, default=[],
+                        help="extra command-line settings for both bundle sides, as one string, e.g. --bundle_args='--lr_schedule poly'")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results = []

@@ -2,7 +2,9 @@
 
 The folder ``OUT_DIR/NAME/`` holds ``configs/`` (every ``*.json`` plus ``logging.conf``), ``docs/``,
 ``LICENSE``, ``README.md``, ``models/model.pt`` when weights are given or present, and a copy of the
-``monai_unet_bundle`` package.  The package sits at the bundle root because MONAI Label puts the
+``monai_unet_bundle`` package.  The training plan beside the weights (``plan.json``) is shipped too,
+and written into the metadata and the stand-alone configs (:func:`apply_plan`), so MONAI Label
+builds, trains and describes the model that was trained.  The package sits at the bundle root because MONAI Label puts the
 bundle folder first on ``sys.path`` before it parses the configs, and ``python -m monai.bundle run``
 run from inside the folder finds it on the current directory: either way the configs' imports work
 without installing anything.  ``OUT_DIR/NAME_vVERSION.zip`` holds the same folder (``NAME/...``) with
@@ -48,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NAME = "unet2d_segmentation"
 #: the Python package the configs import
 PACKAGE = "monai_unet_bundle"
+#: the training plan beside model.pt (monai_unet_bundle.plan.PLAN_FILE; not imported: this script runs without the package installed)
+PLAN_FILE = "plan.json"
 #: files that never belong in a distributed bundle
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".*")
 EXIT_USAGE = 2
@@ -262,6 +266,50 @@ def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
     if weights is not None:
         (dest / "models").mkdir()
         shutil.copy2(weights, dest / "models" / "model.pt")
+        plan_file = weights.parent / PLAN_FILE
+        if plan_file.is_file():
+            apply_plan(dest, json.loads(plan_file.read_text()))
+
+
+#: plan items written into the shipped configs as explicit settings
+FROZEN = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization")
+
+
+def apply_plan(bundle: Path, plan: dict) -> None:
+    """Ship the plan the weights were trained with: ``models/plan.json``, the metadata, and the stand-alone configs.
+
+    MONAI Label trains and infers from ``train.json`` and ``inference.json`` on data of its own
+    datastore and reads the model's input and output from ``metadata.json``, so the plan's classes,
+    channels, input size and normalisation become those files' settings (instead of ``auto``), and
+    the metadata's ``channel_def``, ``num_channels`` and ``spatial_shape`` describe the model.
+    """
+    (bundle / "models" / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
+    configs = bundle / "configs"
+    for name in ("train.json", "inference.json"):
+        config = json.loads((configs / name).read_text())
+        for key in FROZEN:
+            if key in plan and key in config:
+                config[key] = plan[key]
+        if plan.get("mask_palette") is not None and "mask_palette" in config:
+            config["mask_palette"] = plan["mask_palette"]
+        if plan.get("mask_thresholds") is not None and "mask_thresholds" in config:
+            config["mask_thresholds"] = plan["mask_thresholds"]
+        (configs / name).write_text(json.dumps(config, indent=4) + "\n")
+    meta_file = configs / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    rgb = plan["in_channels"] == 3
+    image.update({
+        "num_channels": plan["in_channels"], "modality": "RGB" if rgb else "grayscale",
+        "channel_def": {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "intensity"},
+        "spatial_shape": list(plan["spatial_size"]),
+        "value_range": [0, 1] if plan.get("normalization") in ("unit", "minmax") else [],
+    })
+    pred.update({
+        "num_channels": plan["num_classes"], "spatial_shape": list(plan["spatial_size"]),
+        "channel_def": {str(i): n for i, n in enumerate(plan["class_names"])},
+    })
+    meta_file.write_text(json.dumps(meta, indent=4) + "\n")
 
 
 def write_zip(folder: Path, zip_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_every_module_an_expression_names_is_imported(files: list[str]):
 
 #: ids that MONAI Label reads from train.json and inference.json separately, so both must say the same
 SHARED = [
-    "bundle_root", "num_classes", "class_names", "in_channels", "spatial_size", "architecture", "base_features",
+    "bundle_root", "num_classes", "class_names", "in_channels", "normalization", "spatial_size", "architecture", "base_features",
     "activation", "batch_size", "num_workers", "channels_last", "fast_allocator", "device", "network_def", "network",
 ]
 
@@ -79,7 +79,7 @@ def test_ids_train_and_inference_both_hold_are_equal():
     loads = [t for t in image_steps if t["_target_"] == "LoadImaged" and t["keys"] == "image"]
     assert loads and loads[0] == inference["preprocessing"]["transforms"][0]
     by_target = {t["_target_"]: t for t in inference["preprocessing"]["transforms"]}
-    for target in ("monai_unet_bundle.transforms.EnsureChannelsd", "ScaleIntensityd"):
+    for target in ("monai_unet_bundle.transforms.EnsureChannelsd", "monai_unet_bundle.transforms.NormalizeImaged"):
         assert next(t for t in image_steps if t["_target_"] == target) == by_target[target]
     resize = next(t for t in image_steps if t["_target_"] == "Resized")
     assert resize["spatial_size"] == by_target["Resized"]["spatial_size"]
@@ -91,9 +91,9 @@ def test_ids_train_and_inference_both_hold_are_equal():
 @pytest.mark.parametrize(
     "name, ids",
     [
-        ("train.json", ["settings", "demo_dataset", "datalists", "cache_mode"]),
-        ("inference.json", ["settings", "inputs", "model_check"]),
-        ("evaluate.json", ["validate#dataset#data", "model_check"]),
+        ("train.json", ["settings", "demo_dataset", "data_check", "plan_settings", "cache_mode"]),
+        ("inference.json", ["settings", "inputs", "model_check", "plan"]),
+        ("evaluate.json", ["validate#dataset#data", "model_check", "saved_plan"]),
         ("multi_gpu_train.json", ["process_group"]),
     ],
 )

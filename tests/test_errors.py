@@ -64,7 +64,7 @@ def test_several_problems_print_one_error_line_each():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == EXIT_CODE
     assert proc.stderr.splitlines() == [
-        "error: batch_size is 0, but it must be a whole number of at least 1: pass --batch_size with such a value.",
+        "error: batch_size is 0, but it must be auto or a whole number of at least 1: pass --batch_size with such a value.",
         "error: tta is 'maybe', but it must be true or false: pass --tta with such a value.",
     ]
 

@@ -227,7 +227,8 @@ def test_auto_weights_from_a_known_mask_set_are_cached(tmp_path):
 def test_weight_setting_resolution(tmp_path):
     data = [{"label": f} for f in _masks(tmp_path, [np.eye(4) * 255])]
     assert resolve_class_weights(None, "dice_ce", data, 2, tmp_path) is None
-    assert resolve_class_weights(None, "weighted_ce", data, 2, tmp_path) == pytest.approx([0.5, 1.5])  # auto by default: 12 vs 4 pixels
+    assert resolve_class_weights(None, "weighted_ce", data, 2, tmp_path) == pytest.approx([0.5, 1.5])  # inverse frequency by default: 12 vs 4 pixels
+    assert resolve_class_weights("inverse_frequency", "dice_ce", data, 2, tmp_path) == pytest.approx([0.5, 1.5])
     assert resolve_class_weights([1, 2], "ce", data, 2, tmp_path) == [1.0, 2.0]
-    with pytest.raises(BundleInputError, match='class_weights must be "auto", null or a list of 2 numbers'):
+    with pytest.raises(BundleInputError, match="class_weights must be auto, inverse_frequency, null or a list of 2 numbers"):
         resolve_class_weights("inverse", "ce", data, 2, tmp_path)

@@ -177,3 +177,31 @@ def test_requirements_are_exactly_what_the_metadata_declares(tmp_path: Path) -> 
     (tmp_path / "configs" / "metadata.json").write_text(json.dumps({"required_packages_version": ["scipy"]}))
     with pytest.raises(package_bundle.PackagingError, match="must map package names to versions"):
         package_bundle.bundle_requirements(tmp_path)
+
+
+def test_the_plan_beside_the_weights_is_shipped_into_metadata_and_configs(tmp_path: Path, weights: Path) -> None:
+    """A model trained with a plan is shipped with it: models/plan.json, metadata channels and shape, explicit config settings."""
+    plan = {
+        "num_classes": 3, "class_names": ["background", "liver", "tumour"], "in_channels": 1, "spatial_size": [96, 160],
+        "normalization": "zscore", "mask_palette": None, "mask_thresholds": [64.0, 191.5], "batch_size": 8,
+    }
+    (weights.parent / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "dist"
+    assert package_bundle.main([str(out), "--weights", str(weights)]) == 0
+    folder = out / NAME
+    assert json.loads((folder / "models" / "plan.json").read_text()) == plan
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    assert (image["num_channels"], image["spatial_shape"], image["channel_def"]) == (1, [96, 160], {"0": "intensity"})
+    assert (pred["num_channels"], pred["channel_def"]) == (3, {"0": "background", "1": "liver", "2": "tumour"})
+    for name in ("train.json", "inference.json"):
+        config = json.loads((folder / "configs" / name).read_text())
+        assert (config["num_classes"], config["in_channels"], config["spatial_size"], config["normalization"]) == (3, 1, [96, 160], "zscore")
+        assert config["class_names"] == ["background", "liver", "tumour"]
+    assert json.loads((folder / "configs" / "train.json").read_text())["mask_thresholds"] == [64.0, 191.5]
+    # the packaged metadata still satisfies MONAI's schema
+    import jsonschema
+
+    from tests.conftest import SCHEMA
+
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))

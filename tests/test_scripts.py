@@ -79,8 +79,9 @@ def test_benchmark_runs_both_sides_and_writes_the_ratios(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_accuracy_scores_both_sides_on_a_folder_and_a_demo_set(tmp_path):
-    """Both sides train, are scored on the same held-out pairs at original size, and the plain loop gets the bundle's wall time."""
+def test_benchmark_accuracy_scores_every_side_on_a_folder_and_a_demo_set(tmp_path):
+    """The planned bundle, the explicit bundle and the plain loop train, are scored on the same held-out pairs at
+    original size, and the plain loop gets the planned bundle's wall time."""
     import json
 
     from tests.conftest import write_pairs
@@ -97,9 +98,14 @@ def test_benchmark_accuracy_scores_both_sides_on_a_folder_and_a_demo_set(tmp_pat
     assert (cells["set"], cells["num_classes"], cells["in_channels"], cells["test_pairs"]) == ("cells", 2, 1, 2)
     assert (multi["num_classes"], multi["in_channels"], multi["test_pairs"]) == (3, 3, 2)
     for result in (cells, multi):
-        for side in ("bundle", "plain"):
+        for side in ("auto", "explicit", "plain"):
             assert 0.0 <= result[side]["mean_dice"] <= 1.0 and len(result[side]["dice"]) == result["num_classes"]
             assert result[side]["epochs"] >= 1
-        # equal wall time: the plain loop ran (about) as long as the bundle's whole training process
-        assert result["plain"]["train_seconds"] == pytest.approx(result["bundle"]["train_seconds"], rel=0.5, abs=5)
-    assert "| cells | 2 | bundle |" in proc.stdout and "| demo_multiclass | 3 | plain |" in proc.stdout
+        # equal wall time: the plain loop ran (about) as long as the planned bundle's whole training process
+        assert result["plain"]["train_seconds"] == pytest.approx(result["auto"]["train_seconds"], rel=0.5, abs=5)
+        assert result["explicit"]["plan"]["spatial_size"] == [32, 32]
+    # given only the data, the bundle planned the classes and channels the plain loop was given
+    assert (cells["auto"]["plan"]["num_classes"], cells["auto"]["plan"]["in_channels"]) == (2, 1)
+    assert (multi["auto"]["plan"]["num_classes"], multi["auto"]["plan"]["in_channels"]) == (3, 3)
+    assert cells["auto"]["plan"]["spatial_size"] == [32, 48]  # the 36x44 images' aspect on the stride grid
+    assert "| cells | 2 | explicit |" in proc.stdout and "| demo_multiclass | 3 | plain |" in proc.stdout

@@ -36,7 +36,7 @@ def test_check_settings_returns_real_booleans_and_accepts_the_defaults():
     [
         ("batch_size", 0), ("batch_size", "four"), ("batch_size", 2.5), ("batch_size", True), ("max_epochs", -1),
         ("learning_rate", 0), ("learning_rate", "fast"), ("val_fraction", 1.0), ("num_classes", 1), ("in_channels", 2),
-        ("architecture", "resnet"), ("activation", "tanh"), ("lr_schedule", "poly"), ("loss_name", "dice_bce"),
+        ("architecture", "resnet"), ("activation", "tanh"), ("lr_schedule", "exponential"), ("loss_name", "dice_bce"),
         ("num_workers", -1), ("cache", "ram"), ("rle_order", "diagonal"), ("rle_csv", "out.txt"), ("device", "gpu"),
         ("amp", "maybe"), ("resume", "yes"), ("remove_smaller_than", -3), ("early_stop_min_delta", -0.1),
         ("class_weights", [1.0]), ("input_files", 3), ("seed", "x"),

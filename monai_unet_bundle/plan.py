@@ -1,0 +1,454 @@
+"""The plan: the settings a user would otherwise pick by hand, derived from the data when they are ``auto``.
+
+The data check reads every image and mask once; from what it finds (:class:`DataFingerprint`),
+:func:`make_plan` decides, for each of these settings left at ``auto`` (the default):
+
+* ``num_classes`` and the mask encoding: 0/1 or 0/255 masks are binary; masks of small whole
+  numbers are class indices (``max + 1`` classes); a few evenly spread gray levels (0, 128, 255)
+  become classes through thresholds half way between them; colour masks get a palette of the
+  colours found, black first;
+* ``class_names``: ``background, foreground`` or ``background, class_1, ...``;
+* ``in_channels``: 3 when any image is in colour, else 1;
+* ``spatial_size``: the median image's aspect ratio kept, each side a multiple of the U-Net's stride,
+  within a pixel budget for the device (about 256x256 on a CPU, 512x512 on a GPU) and never
+  larger than the median image;
+* ``batch_size``: what fits that size on the device;
+* ``normalization``: 8-bit images (photographs, PNG/JPEG masks' images) are divided by 255; 16-bit,
+  float, NIfTI and grayscale DICOM images get a per-image z-score after clipping to their 0.5 and
+  99.5 percentiles;
+* ``class_weights``: square-root inverse pixel frequency when the rarest foreground class covers
+  less than 1% of the pixels, else none (the Dice term already balances classes).
+
+Every item stays overridable by its own setting (a value other than ``auto`` wins and is recorded
+as ``set``).  Training prints the plan, writes it to ``logs/plan.json`` and, with every saved
+model, to ``plan.json`` beside ``model.pt``; evaluation and inference read it from there
+(:func:`saved_plan`), so nothing needs repeating on their command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_unet_bundle.atomic import atomic_write_text
+from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.metrics import default_class_names
+from monai_unet_bundle.networks import TOTAL_STRIDE, check_spatial_size
+from monai_unet_bundle.transforms import mode_channels
+
+__all__ = [
+    "AUTO", "NORMALIZATIONS", "PLAN_FILE", "DataFingerprint", "image_depth", "make_plan", "mask_histogram", "saved_plan",
+    "write_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+PLAN_FILE = "plan.json"
+PLAN_VERSION = 1
+
+#: ``normalization`` setting -> what it does to each image
+NORMALIZATIONS = {
+    "unit": "divide by 255 (8-bit images to [0, 1])",
+    "zscore": "per image: clip to the 0.5 and 99.5 percentiles, then zero mean and unit standard deviation",
+    "minmax": "per image: stretch the darkest pixel to 0 and the brightest to 1",
+}
+
+#: pixels per network input the plan aims for, by device type (about 256x256 on a CPU, 512x512 on a GPU)
+PIXEL_BUDGET = {"cpu": 256 * 256, "cuda": 512 * 512}
+#: pixels per batch the plan fills, by device type: on a CPU a time budget buys more from many small steps
+#: than from few large ones (measured: batch 12 at 144x144 trailed batch 8 at 128x128 by 0.03 Dice in a minute)
+BATCH_PIXELS = {"cpu": 8 * 128 * 128, "cuda": 8 * 512 * 512}
+#: the smallest batch the plan gives, by device type (batch norm needs a few images per batch)
+MIN_BATCH = {"cpu": 4, "cuda": 2}
+#: most classes the plan reads from gray levels or colours before asking for explicit settings
+MAX_PLANNED_CLASSES = 32
+#: the rarest foreground class's pixel share below which the plan weights the classes
+RARE_CLASS_SHARE = 0.01
+#: the sizes the plan never goes below (the U-Net's stride times two)
+MIN_SIDE = 2 * TOTAL_STRIDE
+
+
+def is_auto(value: Any) -> bool:
+    """Whether a setting is left to the plan (``"auto"`` in any case)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def mask_histogram(raw: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a channel-first mask and their pixel counts.
+
+    Returns:
+        ``(values, counts)``: ``values`` is itself a tiny channel-first mask ``(1, 1, N)`` of the
+        distinct gray values, or ``(3, 1, N)`` of the distinct colours when the channels differ,
+        so the pipeline's own mask conversion can be run on it instead of on every pixel.
+    """
+    arr = np.asarray(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw)
+    if arr.shape[0] > 1 and not (arr == arr[:1]).all():
+        rgb = arr[:3].reshape(3, -1).astype(np.int64)
+        codes, counts = np.unique((rgb[0] << 16) | (rgb[1] << 8) | rgb[2], return_counts=True)
+        colours = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255])
+        return colours[:, None, :].astype(np.float64), counts
+    values, counts = np.unique(arr[0], return_counts=True)
+    return values[None, None, :].astype(np.float64), counts
+
+
+def image_depth(mode: str) -> str:
+    """``"8-bit"`` for images whose pixels are bytes (Pillow's 1/L/P/RGB/... modes, uint8 NIfTI, colour
+    DICOM), else ``"wide"`` (16-bit and float images, NIfTI, grayscale DICOM)."""
+    if mode.startswith("NIfTI"):
+        return "8-bit" if mode.endswith("uint8") else "wide"
+    if mode.startswith("DICOM"):
+        return "8-bit" if mode_channels(mode) == 3 else "wide"
+    return "wide" if mode.split(" ")[0].startswith(("I", "F")) else "8-bit"
+
+
+@dataclass
+class DataFingerprint:
+    """What the data check found: image sizes and modes, and each mask's distinct values."""
+
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    modes: Counter = field(default_factory=Counter)
+    #: mask file -> (values as a tiny mask, pixel counts), see :func:`mask_histogram`
+    masks: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    n_training: int = 0
+
+    def _common(self, per_mask: list[set]) -> set:
+        """Values found in at least two masks (in every value when there are fewer than four masks): a value in
+        one mask of many is more likely a damaged mask than a class, and the data check reports that mask."""
+        seen = Counter(v for values in per_mask for v in values)
+        return set(seen) if len(per_mask) < 4 else {v for v, n in seen.items() if n >= 2}
+
+    def gray_values(self) -> set[float]:
+        """The gray values the masks share (see :meth:`_common`)."""
+        return self._common([{float(v) for v in values.ravel()} for values, _ in self.masks.values() if values.shape[0] == 1])
+
+    def colours(self) -> set[tuple[int, int, int]]:
+        """The colours the masks share (gray masks count as gray colours; see :meth:`_common`)."""
+        per_mask = []
+        for values, _ in self.masks.values():
+            rgb = values if values.shape[0] == 3 else np.repeat(values, 3, axis=0)
+            per_mask.append({tuple(int(c) for c in col) for col in rgb[:, 0, :].T})
+        return self._common(per_mask)
+
+
+# ------------------------------------------------------------------------------------------------ single items
+
+
+def plan_classes(fp: DataFingerprint, settings: Mapping[str, Any]) -> tuple[int, Any, Any, str]:
+    """``(num_classes, mask_palette, mask_thresholds, why)`` from the masks, unless set.
+
+    Raises:
+        BundleInputError: when the masks' values do not say how many classes there are.
+    """
+    num_classes, palette, thresholds = settings.get("num_classes"), settings.get("mask_palette"), settings.get("mask_thresholds")
+    if not is_auto(num_classes):
+        return num_classes, palette, thresholds, "set"
+    if palette is not None:
+        return len(palette), palette, None, f"one class per mask_palette colour ({len(palette)})"
+    if thresholds is not None:
+        return len(thresholds) + 1, None, thresholds, f"mask_thresholds cut {len(thresholds) + 1} classes"
+    if not fp.masks:
+        return 2, None, None, "no masks to read: binary"
+    if any(values.shape[0] == 3 for values, _ in fp.masks.values()):
+        colours = sorted(fp.colours(), key=lambda c: (c != (0, 0, 0), c))
+        if len(colours) > MAX_PLANNED_CLASSES:
+            raise BundleInputError(
+                f"num_classes is auto but the colour masks hold {len(colours)} colours, too many to be class colours: "
+                f"pass --num_classes and --mask_palette with one colour per class."
+            )
+        shown = ", ".join(str(list(c)) for c in colours)
+        return len(colours), [list(c) for c in colours], None, f"colour masks: one class per colour found ({shown}), black first"
+    values = sorted(fp.gray_values())
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (" ..." if len(values) > 8 else "")
+    if any(v < 0 or not float(v).is_integer() for v in values):
+        raise BundleInputError(
+            f"num_classes is auto but the masks hold values {shown}, which are not class indices: save masks as "
+            f"whole numbers 0..K-1, or pass --num_classes with --mask_thresholds."
+        )
+    if set(values) <= {0.0, 1.0} or set(values) <= {0.0, 255.0}:
+        return 2, None, None, f"binary masks (values {shown})"
+    top = int(values[-1])
+    if top < MAX_PLANNED_CLASSES:
+        return top + 1, None, None, f"class-index masks (values {shown}): {top + 1} classes"
+    gaps = np.diff(values)
+    if len(values) <= MAX_PLANNED_CLASSES and gaps.max() <= 2 * gaps.min():
+        cuts = [(a + b) / 2 for a, b in zip(values, values[1:])]
+        return len(values), None, cuts, f"{len(values)} evenly spread gray levels ({shown}) read as classes 0..{len(values) - 1} in that order"
+    if {0.0, 255.0} <= set(values):  # 0/255 masks, some holding stray values: the data check names those files
+        return 2, None, None, f"binary masks (values 0 and 255; other values {shown} are reported per file)"
+    raise BundleInputError(
+        f"num_classes is auto but the masks hold {len(values)} distinct values ({shown}), which are neither class indices, "
+        f"nor 0/255, nor a few evenly spread gray levels: "
+        f"pass --num_classes with --mask_thresholds, or save masks as class indices."
+    )
+
+
+def plan_channels(fp: DataFingerprint, setting: Any) -> tuple[int, str]:
+    """``(in_channels, why)``: 3 when any image is in colour."""
+    if not is_auto(setting):
+        return setting, "set"
+    colour = sum(n for m, n in fp.modes.items() if mode_channels(m) == 3)
+    if colour:
+        return 3, f"{colour} of {sum(fp.modes.values())} images are in colour"
+    return 1, "every image is grayscale"
+
+
+def _stride_multiple(value: float) -> int:
+    return max(MIN_SIDE, int(round(value / TOTAL_STRIDE)) * TOTAL_STRIDE)
+
+
+def plan_size(fp: DataFingerprint, spatial_size: Any, input_size: Any, device_type: str) -> tuple[list[int], str]:
+    """``(spatial_size, why)``: the median image's shape, scaled into the device's pixel budget."""
+    if not is_auto(spatial_size):
+        return check_spatial_size(spatial_size), "set"
+    if input_size is not None and not is_auto(input_size):
+        try:
+            side = int(input_size)
+        except (TypeError, ValueError):
+            raise BundleInputError(f"input_size must be auto or a whole number such as 256, got {input_size!r}.") from None
+        return check_spatial_size([side, side]), "input_size"
+    if not fp.heights:
+        return [256, 256], "no images to read"
+    height, width = float(np.median(fp.heights)), float(np.median(fp.widths))
+    budget = PIXEL_BUDGET.get(device_type, PIXEL_BUDGET["cpu"])
+    scale = min(1.0, math.sqrt(budget / (height * width)))
+    size = [_stride_multiple(height * scale), _stride_multiple(width * scale)]
+    while size[0] * size[1] > budget * 1.15 and max(size) > MIN_SIDE:  # rounding up must not blow the budget
+        i = int(size[1] > size[0])
+        size[i] -= TOTAL_STRIDE
+    why = f"median image {height:g}x{width:g} (height x width)"
+    why += f", scaled by {scale:.2f} into the {device_type} budget of {budget} pixels" if scale < 1 else ", within the pixel budget"
+    return size, why
+
+
+def plan_batch(size: Sequence[int], setting: Any, device_type: str, n_training: int) -> tuple[int, str]:
+    """``(batch_size, why)``: as many images of ``size`` as the device's batch pixels hold (4 on a CPU or 2 on a GPU, to 32)."""
+    if not is_auto(setting):
+        return setting, "set"
+    pixels = BATCH_PIXELS.get(device_type, BATCH_PIXELS["cpu"])
+    batch = int(min(32, max(MIN_BATCH.get(device_type, 2), pixels // (size[0] * size[1]))))
+    if n_training:
+        batch = max(1, min(batch, n_training))
+    return batch, f"{pixels} pixels per batch on {device_type}"
+
+
+def plan_normalization(fp: DataFingerprint, setting: Any) -> tuple[str, str]:
+    """``(normalization, why)``: ``unit`` when every image is 8-bit, else ``zscore``."""
+    if not is_auto(setting):
+        return str(setting), "set"
+    depths = Counter(image_depth(m) for m in fp.modes.elements())
+    if depths.get("wide"):
+        return "zscore", f"{depths['wide']} image(s) are 16-bit, float, NIfTI or grayscale DICOM"
+    return "unit", "every image is 8-bit"
+
+
+def class_counts(fp: DataFingerprint, to_index: Any, files: Sequence[str] | None = None) -> np.ndarray:
+    """Pixels per class over the masks (all, or ``files``), converted by the pipeline's ``to_index``.
+
+    Masks the conversion refuses are left out (the data check reports them).
+    """
+    from monai.data import MetaTensor
+
+    counts = np.zeros(to_index.num_classes, dtype=np.int64)
+    for name in files if files is not None else fp.masks:
+        if name not in fp.masks:
+            continue
+        values, n = fp.masks[name]
+        try:
+            index = np.asarray(to_index(MetaTensor(torch.as_tensor(values), meta={"filename_or_obj": name})), dtype=np.int64).ravel()
+        except BundleInputError:
+            continue
+        counts += np.bincount(index, weights=n, minlength=to_index.num_classes)[: to_index.num_classes].astype(np.int64)
+    return counts
+
+
+def plan_class_weights(counts: np.ndarray, setting: Any, loss_name: str) -> tuple[Any, str]:
+    """``(class_weights, why)``: ``None``, or square-root inverse frequency when a foreground class is rare."""
+    if not is_auto(setting):
+        return setting, "set"
+    if loss_name == "weighted_ce":
+        return "inverse_frequency", "loss_name weighted_ce weights by inverse pixel frequency"
+    if loss_name == "mse":
+        return None, "loss_name mse takes no weights"
+    total = counts.sum()
+    share = counts[1:] / total if total else np.zeros(len(counts) - 1)
+    present = share[share > 0]
+    if not present.size or present.min() >= RARE_CLASS_SHARE:
+        return None, "no foreground class below 1% of the pixels"
+    w = np.zeros(len(counts))
+    w[counts > 0] = np.sqrt(total / counts[counts > 0])
+    w = w * (len(w) / w.sum())
+    return [round(float(v), 4) for v in w], f"the rarest foreground class covers {present.min():.2%} of the pixels"
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | torch.device, to_index_factory: Any) -> dict[str, Any]:
+    """Decide every ``auto`` setting from the fingerprint; the explicit ones are kept as given.
+
+    Args:
+        fp: what the data check read.
+        settings: the user's settings (``num_classes``, ``in_channels``, ``spatial_size``,
+            ``input_size``, ``batch_size``, ``normalization``, ``class_weights``, ``class_names``,
+            ``loss_name``, ``mask_palette``, ``mask_thresholds``).
+        device: the training device (its type picks the pixel budgets).
+        to_index_factory: ``(num_classes, palette, thresholds) -> converter``, the pipeline's mask
+            conversion, used to count class pixels.
+
+    Returns:
+        the plan: each setting's value, plus ``why`` (item -> reason, ``"set"`` when given) and a
+        summary of the data it was made from.
+
+    Raises:
+        BundleInputError: when an ``auto`` setting cannot be derived, or the class names do not fit.
+    """
+    device_type = torch.device(device).type
+    why: dict[str, str] = {}
+    num_classes, palette, thresholds, why["num_classes"] = plan_classes(fp, settings)
+    names = settings.get("class_names")
+    if names is None or is_auto(names):
+        names, why["class_names"] = default_class_names(num_classes), "default names"
+    else:
+        names, why["class_names"] = list(names), "set"
+        if len(names) != num_classes:
+            raise BundleInputError(
+                f"class_names lists {len(names)} names but there are {num_classes} classes ({_why_text(why['num_classes'])}): "
+                f"pass --class_names with {num_classes} names, background first."
+            )
+    in_channels, why["in_channels"] = plan_channels(fp, settings.get("in_channels"))
+    size, why["spatial_size"] = plan_size(fp, settings.get("spatial_size"), settings.get("input_size"), device_type)
+    batch, why["batch_size"] = plan_batch(size, settings.get("batch_size"), device_type, fp.n_training)
+    normalization, why["normalization"] = plan_normalization(fp, settings.get("normalization"))
+    counts = class_counts(fp, to_index_factory(num_classes, palette, thresholds))
+    weights, why["class_weights"] = plan_class_weights(counts, settings.get("class_weights"), str(settings.get("loss_name")))
+    total = int(counts.sum())
+    return {
+        "version": PLAN_VERSION,
+        "num_classes": int(num_classes),
+        "class_names": names,
+        "mask_palette": palette,
+        "mask_thresholds": thresholds,
+        "in_channels": int(in_channels),
+        "spatial_size": [int(s) for s in size],
+        "batch_size": int(batch),
+        "normalization": normalization,
+        "class_weights": weights,
+        "training": "whole images resized to spatial_size",
+        "why": why,
+        "data": {
+            "images": int(sum(fp.modes.values())),
+            "median_height_width": [float(np.median(fp.heights)), float(np.median(fp.widths))] if fp.heights else None,
+            "modes": dict(fp.modes),
+            "class_pixel_share": [round(c / total, 6) if total else 0.0 for c in counts.tolist()],
+            "device": device_type,
+        },
+    }
+
+
+def _why_text(reason: str) -> str:
+    return "as set" if reason == "set" else reason
+
+
+def log_plan(plan: Mapping[str, Any]) -> None:
+    """Print the plan, one line per item, with the reason for each."""
+    why = plan.get("why", {})
+    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "normalization", "class_weights"):
+        value = plan[key]
+        extra = ""
+        if key == "num_classes" and plan.get("mask_palette"):
+            extra = f" (mask_palette {plan['mask_palette']})"
+        elif key == "num_classes" and plan.get("mask_thresholds"):
+            extra = f" (mask_thresholds {plan['mask_thresholds']})"
+        logger.info("plan: %-13s %s%s  [%s]", key, value, extra, _why_text(why.get(key, "set")))
+
+
+def write_plan(plan: Mapping[str, Any], path: str | Path) -> None:
+    """Write the plan as JSON (atomically)."""
+    atomic_write_text(Path(path), json.dumps(plan, indent=2) + "\n")
+
+
+#: what a model trained before plans existed was trained with (the settings' old defaults)
+LEGACY = {"num_classes": 2, "in_channels": 3, "spatial_size": [512, 512], "batch_size": 4, "normalization": "minmax"}
+
+
+def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan a model was trained with (``plan.json`` beside ``ckpt_path``), explicit settings applied on top.
+
+    Settings other than ``auto`` win.  Without a ``plan.json`` (a model from before plans, or from
+    elsewhere), ``num_classes`` and ``in_channels`` are read from the checkpoint's weights when it
+    is one of this bundle's networks, and the rest take the old defaults (512x512, min-max
+    normalisation), with a warning.
+
+    Raises:
+        BundleInputError: for an unreadable ``plan.json``, or class names that do not fit.
+    """
+    path = Path(ckpt_path).parent / PLAN_FILE
+    plan: dict[str, Any]
+    if path.is_file():
+        try:
+            plan = json.loads(path.read_text())
+            plan["num_classes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise BundleInputError(
+                f"{path} is not a plan written by training: delete it and pass --num_classes, --in_channels and --spatial_size."
+            ) from None
+        source = str(path)
+    else:
+        plan = {**LEGACY, "mask_palette": None, "mask_thresholds": None, "class_weights": None}
+        source = "defaults"
+        trained = _checkpoint_settings(ckpt_path)
+        if trained:
+            plan.update({k: trained[k] for k in ("num_classes", "in_channels")})
+            source = f"the weights of {ckpt_path}"
+        # only for a model of this bundle: any other file is refused with its own sentence by the model check
+        if trained and any(is_auto(settings.get(k)) for k in LEGACY):
+            logger.warning("no %s beside %s: auto settings are taken from %s (spatial_size %s, normalization %s); pass "
+                           "them explicitly if the model was trained otherwise", PLAN_FILE, ckpt_path, source,
+                           plan["spatial_size"], plan["normalization"])
+    plan = dict(plan)
+    for key in ("num_classes", "in_channels", "batch_size", "normalization"):
+        if settings.get(key) is not None and not is_auto(settings.get(key)):
+            plan[key] = settings[key]
+    size = settings.get("spatial_size")
+    if size is not None and not is_auto(size):
+        plan["spatial_size"] = check_spatial_size(size)
+    elif settings.get("input_size") is not None and not is_auto(settings.get("input_size")):
+        side = int(settings["input_size"])
+        plan["spatial_size"] = check_spatial_size([side, side])
+    names = settings.get("class_names")
+    if names is not None and not is_auto(names):
+        plan["class_names"] = list(names)
+    elif len(plan.get("class_names") or []) != plan["num_classes"]:
+        plan["class_names"] = default_class_names(plan["num_classes"])
+    if len(plan["class_names"]) != plan["num_classes"]:
+        raise BundleInputError(
+            f"class_names lists {len(plan['class_names'])} names but the model has {plan['num_classes']} classes: "
+            f"pass --class_names with {plan['num_classes']} names, background first."
+        )
+    return plan
+
+
+def _checkpoint_settings(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """``in_channels`` and ``num_classes`` of a model file of this bundle, or ``None``."""
+    from monai_unet_bundle.checkpoints import network_settings
+
+    if not Path(ckpt_path).is_file():
+        return None
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception:  # the model loader reports unreadable files with its own sentence later
+        return None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None  # a resume checkpoint or another file: the model check says what it is
+    return network_settings(state)

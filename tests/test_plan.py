@@ -1,0 +1,240 @@
+"""The plan: settings derived from the data (unit checks of each rule, then real bundle runs given only the data)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.plan import (
+    DataFingerprint,
+    image_depth,
+    make_plan,
+    mask_histogram,
+    plan_class_weights,
+    plan_batch,
+    plan_classes,
+    plan_size,
+    saved_plan,
+)
+from monai_unet_bundle.transforms import MaskToIndex, NormalizeImaged
+from tests.conftest import config, run_bundle
+
+AUTO_SETTINGS = {k: "auto" for k in ("num_classes", "in_channels", "spatial_size", "batch_size", "normalization", "class_weights", "class_names")}
+
+
+def _fp(masks: list[np.ndarray], sizes=((100, 200),), modes=("L",)) -> DataFingerprint:
+    fp = DataFingerprint(n_training=len(masks))
+    for i, m in enumerate(masks):
+        fp.masks[f"m{i}.png"] = mask_histogram(m[None] if m.ndim == 2 else m)
+    for (h, w), mode in zip(sizes, modes):
+        fp.heights.append(h)
+        fp.widths.append(w)
+        fp.modes[mode] += 1
+    return fp
+
+
+def _factory(k, palette, thresholds):
+    return MaskToIndex(k, palette, thresholds)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected_k", "thresholds"),
+    [
+        ([0, 255], 2, None),
+        ([0, 1], 2, None),
+        ([0, 1, 2, 3], 4, None),
+        ([0, 128, 255], 3, [64.0, 191.5]),
+    ],
+)
+def test_classes_are_read_from_the_mask_values(values, expected_k, thresholds):
+    masks = [np.array([values], dtype=np.uint8).repeat(4, 0), np.zeros((4, 4), np.uint8)]
+    k, palette, cuts, why = plan_classes(_fp(masks), AUTO_SETTINGS)
+    assert (k, palette, cuts) == (expected_k, None, thresholds)
+    assert why != "set"
+    # the pipeline's own conversion then maps every value to a distinct class 0..k-1
+    converted = MaskToIndex(k, palette, cuts)(torch.tensor(np.array(values, dtype=np.float64)[None, None]))
+    assert converted.ravel().tolist() == list(range(k)) if expected_k == len(values) else True
+
+
+def test_a_value_in_one_mask_of_many_is_not_planned_as_a_class():
+    """0/255 masks plus one damaged mask holding 7: still binary, and the pipeline refuses the damaged mask by name."""
+    masks = [np.array([[0, 255]], np.uint8)] * 5 + [np.array([[0, 7, 255]], np.uint8)]
+    k, palette, cuts, _ = plan_classes(_fp(masks), AUTO_SETTINGS)
+    assert (k, palette, cuts) == (2, None, None)
+    from monai.data import MetaTensor
+
+    damaged = MetaTensor(torch.tensor([[[0.0, 7.0, 255.0]]]), meta={"filename_or_obj": "m5.png"})
+    with pytest.raises(BundleInputError, match="m5.png holds values 7 that map to no class"):
+        MaskToIndex(k)(damaged)
+
+
+def test_colour_masks_get_a_palette_with_black_first():
+    rgb = np.zeros((3, 4, 4), np.uint8)
+    rgb[:, 0, 0] = (0, 255, 0)
+    rgb[:, 1, 1] = (255, 0, 0)
+    k, palette, cuts, _ = plan_classes(_fp([rgb]), AUTO_SETTINGS)
+    assert k == 3 and cuts is None
+    assert palette == [[0, 0, 0], [0, 255, 0], [255, 0, 0]]
+
+
+def test_explicit_settings_win_and_unreadable_values_are_refused():
+    masks = [np.array([[0, 128, 255]], np.uint8)]
+    assert plan_classes(_fp(masks), {**AUTO_SETTINGS, "num_classes": 5})[0] == 5
+    assert plan_classes(_fp(masks), {**AUTO_SETTINGS, "mask_thresholds": [100]})[:3] == (2, None, [100])
+    # uneven levels with 0 and 255 among them are binary masks with stray values (reported per file by the check)
+    assert plan_classes(_fp([np.array([[0, 7, 255]], np.uint8)]), AUTO_SETTINGS)[:3] == (2, None, None)
+    with pytest.raises(BundleInputError, match=r"3 distinct values \(0, 7, 200\), which are neither"):
+        plan_classes(_fp([np.array([[0, 7, 200]], np.uint8)]), AUTO_SETTINGS)
+    many = [np.arange(0, 200, 4, dtype=np.uint8)[None].repeat(2, 0)]  # 50 gray levels: not classes
+    with pytest.raises(BundleInputError, match="50 distinct values.*neither class indices.*--num_classes with --mask_thresholds"):
+        plan_classes(_fp(many), AUTO_SETTINGS)
+
+
+def test_size_keeps_the_aspect_ratio_within_the_budget_on_the_stride_grid():
+    fp = _fp([], sizes=((600, 1000), (500, 900), (700, 1100)), modes=("L", "L", "L"))
+    size, why = plan_size(fp, "auto", "auto", "cpu")
+    assert all(s % 16 == 0 for s in size)
+    assert size[0] * size[1] <= 256 * 256 * 1.15
+    assert abs(size[1] / size[0] - 1000 / 600) < 0.15  # the median image's aspect ratio
+    assert "median image 600x1000" in why
+    small = _fp([], sizes=((50, 70),), modes=("L",))
+    assert plan_size(small, "auto", "auto", "cpu")[0] == [48, 64]  # never enlarged beyond the stride grid
+    assert plan_size(fp, [64, 96], "auto", "cpu") == ([64, 96], "set")
+    assert plan_size(fp, "auto", 128, "cpu") == ([128, 128], "input_size")
+    assert plan_size(fp, "auto", "auto", "cuda")[0][0] > size[0]  # a GPU gets a larger budget
+
+
+def test_batch_size_fills_the_device_budget_with_small_steps_on_a_cpu():
+    assert plan_batch([144, 144], "auto", "cpu", 80)[0] == 6
+    assert plan_batch([256, 256], "auto", "cpu", 80)[0] == 4  # never below 4 images (batch norm)
+    assert plan_batch([512, 512], "auto", "cuda", 80)[0] == 8
+    assert plan_batch([64, 64], "auto", "cuda", 80)[0] == 32
+    assert plan_batch([64, 64], "auto", "cpu", 3)[0] == 3  # at most the training pairs
+    assert plan_batch([64, 64], 5, "cpu", 80) == (5, "set")
+
+
+def test_normalization_and_weights_follow_the_kind_of_data():
+    assert [image_depth(m) for m in ("L", "RGB", "P", "I;16", "F", "NIfTI int16", "NIfTI uint8", "DICOM MONOCHROME2", "DICOM RGB")] == [
+        "8-bit", "8-bit", "8-bit", "wide", "wide", "wide", "8-bit", "wide", "8-bit"]
+    rare = np.zeros((100, 100), np.uint8)
+    rare[:5, :5] = 1  # 0.25% foreground
+    plan = make_plan(_fp([rare], modes=("I;16",)), AUTO_SETTINGS, "cpu", _factory)
+    assert plan["normalization"] == "zscore" and plan["in_channels"] == 1
+    weights = plan["class_weights"]
+    assert weights[1] > 10 * weights[0] and abs(sum(weights) / 2 - 1) < 1e-3
+    common = np.zeros((10, 10), np.uint8)
+    common[:5] = 1
+    plan = make_plan(_fp([common], modes=("RGB",)), AUTO_SETTINGS, "cpu", _factory)
+    assert plan["class_weights"] is None and plan["normalization"] == "unit" and plan["in_channels"] == 3
+    assert plan_class_weights(np.array([90, 10]), "auto", "weighted_ce")[0] == "inverse_frequency"
+    with pytest.raises(BundleInputError, match="class_names lists 3 names but there are 2 classes"):
+        make_plan(_fp([common]), {**AUTO_SETTINGS, "class_names": ["a", "b", "c"]}, "cpu", _factory)
+
+
+def test_normalize_modes():
+    img = torch.tensor([[[0.0, 51.0], [102.0, 255.0]]])
+    assert torch.allclose(NormalizeImaged("image", "unit")({"image": img})["image"], img / 255)
+    assert NormalizeImaged("image", "minmax")({"image": img})["image"].max() == 1
+    hot = torch.cat([torch.linspace(0, 1000, 999), torch.tensor([1e6])]).view(1, 40, 25)
+    z = NormalizeImaged("image", "zscore")({"image": hot})["image"]
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
+    assert float(z.max()) < 2.5  # the hot pixel was clipped to the 99.5th percentile, not allowed to set the scale
+    with pytest.raises(BundleInputError, match="normalization"):
+        NormalizeImaged("image", "bogus")
+
+
+def test_saved_plan_falls_back_on_the_weights(tmp_path):
+    from monai_unet_bundle.networks import build_network
+
+    ckpt = tmp_path / "model.pt"
+    torch.save(build_network(in_channels=1, out_channels=4, base_features=2).state_dict(), ckpt)
+    plan = saved_plan(ckpt, {"num_classes": "auto", "in_channels": "auto", "spatial_size": "auto", "class_names": "auto"})
+    assert (plan["num_classes"], plan["in_channels"], plan["spatial_size"]) == (4, 1, [512, 512])
+    assert plan["class_names"] == ["background", "class_1", "class_2", "class_3"]
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "spatial_size": [96, 64], "normalization": "zscore"}))
+    plan = saved_plan(ckpt, {"num_classes": "auto", "spatial_size": "auto", "batch_size": 3})
+    assert plan["spatial_size"] == [96, 64] and plan["normalization"] == "zscore" and plan["batch_size"] == 3
+    (tmp_path / "plan.json").write_text("not json")
+    with pytest.raises(BundleInputError, match="plan.json is not a plan written by training"):
+        saved_plan(ckpt, {})
+
+
+def _gray_three_class_set(root: Path, n: int = 10) -> Path:
+    """Grayscale images of different sizes with masks whose classes are gray levels 0/128/255 (no class settings work)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        h, w = int(rng.integers(40, 56)), int(rng.integers(60, 80))
+        mask = np.zeros((h, w), np.uint8)
+        mask[5:20, 5:25] = 128
+        mask[h - 18 : h - 4, w - 30 : w - 6] = 255
+        image = (rng.normal(60, 10, (h, w)) + (mask == 128) * 80 + (mask == 255) * 160).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"img_{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"img_{i:02d}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_bundle_given_only_the_data_plans_trains_evaluates_and_infers(tmp_path):
+    """Training given nothing but the folder plans 3 classes, 1 channel and a wide input; evaluation and
+    inference read the plan from models/, so their command lines need no class, channel or size settings."""
+    data = _gray_three_class_set(tmp_path / "data")
+    bundle = tmp_path / "bundle"
+    run_bundle("--config_file", config("train.json"), "--bundle_root", str(bundle), "--dataset_dir", str(data),
+               "--max_epochs", "2", "--num_workers", "0")
+    plan = json.loads((bundle / "logs" / "plan.json").read_text())
+    assert plan == json.loads((bundle / "models" / "plan.json").read_text())
+    assert plan["num_classes"] == 3 and plan["mask_thresholds"] == [64.0, 191.5] and plan["in_channels"] == 1
+    assert plan["spatial_size"][1] > plan["spatial_size"][0] and all(s % 16 == 0 for s in plan["spatial_size"])
+    assert plan["normalization"] == "unit" and plan["why"]["num_classes"].startswith("3 evenly spread gray levels")
+    report = json.loads((bundle / "logs" / "data_check.json").read_text())
+    assert report["plan"] == plan and set(report["class_pixel_frequency"]) == {"background", "class_1", "class_2"}
+
+    run_bundle("--config_file", config("train.json", "evaluate.json"), "--bundle_root", str(bundle), "--dataset_dir", str(data),
+               "--num_workers", "0")
+    metrics = json.loads((bundle / "eval" / "metrics_summary.json").read_text())
+    assert len(metrics["mean_over_images"]["dice"]) == 3
+
+    out = tmp_path / "out"
+    run_bundle("--config_file", config("inference.json"), "--bundle_root", str(bundle), "--input_dir", str(data / "images"),
+               "--output_dir", str(out), "--num_workers", "0")
+    for image in sorted((data / "images").glob("*.png")):
+        pred = np.asarray(Image.open(out / image.name))
+        assert pred.shape == np.asarray(Image.open(image)).shape  # original size
+        assert set(np.unique(pred).tolist()) <= {0, 1, 2}
+
+    # an explicit setting still wins over the plan, and a bad one is refused with its name
+    proc = run_bundle("--config_file", config("inference.json"), "--bundle_root", str(bundle), "--input_dir", str(data / "images"),
+                      "--output_dir", str(tmp_path / "out2"), "--in_channels", "3", expect_rc=2)
+    assert "was trained for 1 input channel while in_channels is 3: pass --in_channels 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_nifti_slices_get_zscore_and_the_planned_size(tmp_path):
+    """16-bit NIfTI slices of two shapes: z-score normalisation and a non-square size from the median slice."""
+    rng = np.random.default_rng(1)
+    data = tmp_path / "nii"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i in range(6):
+        h, w = (48, 96) if i % 2 else (50, 100)
+        label = np.zeros((h, w), np.uint8)
+        label[10:30, 20:60] = 1
+        image = (rng.normal(-800, 50, (h, w)) + label.astype(np.float64) * 900).astype(np.int16)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), data / "images" / f"s{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), data / "masks" / f"s{i}.nii.gz")
+    bundle = tmp_path / "bundle"
+    run_bundle("--config_file", config("train.json"), "--bundle_root", str(bundle), "--dataset_dir", str(data),
+               "--max_epochs", "1", "--num_workers", "0")
+    plan = json.loads((bundle / "models" / "plan.json").read_text())
+    assert plan["normalization"] == "zscore" and plan["num_classes"] == 2 and plan["in_channels"] == 1
+    assert plan["spatial_size"] == [48, 96]
