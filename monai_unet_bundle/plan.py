@@ -10,7 +10,8 @@ The data check reads every image and mask once; from what it finds (:class:`Data
 * ``class_names``: ``background, foreground`` or ``background, class_1, ...``;
 * ``in_channels``: 3 when any image is in colour, else 1;
 * ``spatial_size``: the median image's aspect ratio kept, each side a multiple of the U-Net's stride,
-  within a pixel budget for the device (about 256x256 on a CPU, 512x512 on a GPU) and never
+  within a pixel budget for the device (about 256x256 on a CPU, 512x512 on a GPU; on a CPU with a
+  short ``time_budget_minutes``, smaller, so that the budget still buys 10 epochs) and never
   larger than the median image;
 * ``batch_size``: what fits that size on the device;
 * ``normalization``: 8-bit images (photographs, PNG/JPEG masks' images) are divided by 255; 16-bit,
@@ -65,6 +66,11 @@ NORMALIZATIONS = {
 
 #: pixels per network input the plan aims for, by device type (about 256x256 on a CPU, 512x512 on a GPU)
 PIXEL_BUDGET = {"cpu": 256 * 256, "cuda": 512 * 512}
+#: training pixels per second per CPU thread of the classic U-Net (base_features 16), measured on the
+#: 2-core machine this was built on (about 180k pixels per second with 2 threads, data loading included)
+CPU_PIXELS_PER_SECOND_PER_THREAD = 90_000
+#: epochs a time budget should buy at the least: shorter budgets get a smaller input on a CPU
+MIN_BUDGET_EPOCHS = 10
 #: pixels per batch the plan fills, by device type: on a CPU a time budget buys more from many small steps
 #: than from few large ones (measured: batch 12 at 144x144 trailed batch 8 at 128x128 by 0.03 Dice in a minute)
 BATCH_PIXELS = {"cpu": 8 * 128 * 128, "cuda": 8 * 512 * 512}
@@ -207,8 +213,25 @@ def _stride_multiple(value: float) -> int:
     return max(MIN_SIDE, int(round(value / TOTAL_STRIDE)) * TOTAL_STRIDE)
 
 
-def plan_size(fp: DataFingerprint, spatial_size: Any, input_size: Any, device_type: str) -> tuple[list[int], str]:
-    """``(spatial_size, why)``: the median image's shape, scaled into the device's pixel budget."""
+def pixel_budget(device_type: str, minutes: Any = None, n_training: int = 0) -> tuple[int, str]:
+    """Pixels per network input: the device's budget, cut on a CPU so that a time budget still buys
+    :data:`MIN_BUDGET_EPOCHS` epochs at the expected training speed (threads times
+    :data:`CPU_PIXELS_PER_SECOND_PER_THREAD`)."""
+    budget = PIXEL_BUDGET.get(device_type, PIXEL_BUDGET["cpu"])
+    if device_type != "cpu" or not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0 or not n_training:
+        return budget, f"the {device_type} budget of {budget} pixels"
+    rate = CPU_PIXELS_PER_SECOND_PER_THREAD * max(1, torch.get_num_threads())
+    affordable = int(rate * minutes * 60 / (MIN_BUDGET_EPOCHS * n_training))
+    if affordable >= budget:
+        return budget, f"the {device_type} budget of {budget} pixels"
+    affordable = max(MIN_SIDE * MIN_SIDE, affordable)
+    return affordable, f"{affordable} pixels, so that {minutes:g} minutes buy {MIN_BUDGET_EPOCHS} epochs of {n_training} images on this CPU"
+
+
+def plan_size(
+    fp: DataFingerprint, spatial_size: Any, input_size: Any, device_type: str, minutes: Any = None
+) -> tuple[list[int], str]:
+    """``(spatial_size, why)``: the median image's shape, scaled into the pixel budget (see :func:`pixel_budget`)."""
     if not is_auto(spatial_size):
         return check_spatial_size(spatial_size), "set"
     if input_size is not None and not is_auto(input_size):
@@ -220,14 +243,14 @@ def plan_size(fp: DataFingerprint, spatial_size: Any, input_size: Any, device_ty
     if not fp.heights:
         return [256, 256], "no images to read"
     height, width = float(np.median(fp.heights)), float(np.median(fp.widths))
-    budget = PIXEL_BUDGET.get(device_type, PIXEL_BUDGET["cpu"])
+    budget, budget_why = pixel_budget(device_type, minutes, fp.n_training)
     scale = min(1.0, math.sqrt(budget / (height * width)))
     size = [_stride_multiple(height * scale), _stride_multiple(width * scale)]
     while size[0] * size[1] > budget * 1.15 and max(size) > MIN_SIDE:  # rounding up must not blow the budget
         i = int(size[1] > size[0])
         size[i] -= TOTAL_STRIDE
     why = f"median image {height:g}x{width:g} (height x width)"
-    why += f", scaled by {scale:.2f} into the {device_type} budget of {budget} pixels" if scale < 1 else ", within the pixel budget"
+    why += f", scaled by {scale:.2f} into {budget_why}" if scale < 1 else ", within the pixel budget"
     return size, why
 
 
@@ -327,7 +350,9 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
                 f"pass --class_names with {num_classes} names, background first."
             )
     in_channels, why["in_channels"] = plan_channels(fp, settings.get("in_channels"))
-    size, why["spatial_size"] = plan_size(fp, settings.get("spatial_size"), settings.get("input_size"), device_type)
+    size, why["spatial_size"] = plan_size(
+        fp, settings.get("spatial_size"), settings.get("input_size"), device_type, settings.get("time_budget_minutes")
+    )
     batch, why["batch_size"] = plan_batch(size, settings.get("batch_size"), device_type, fp.n_training)
     normalization, why["normalization"] = plan_normalization(fp, settings.get("normalization"))
     counts = class_counts(fp, to_index_factory(num_classes, palette, thresholds))

@@ -110,6 +110,11 @@ def test_size_keeps_the_aspect_ratio_within_the_budget_on_the_stride_grid():
     assert plan_size(fp, [64, 96], "auto", "cpu") == ([64, 96], "set")
     assert plan_size(fp, "auto", 128, "cpu") == ([128, 128], "input_size")
     assert plan_size(fp, "auto", "auto", "cuda")[0][0] > size[0]  # a GPU gets a larger budget
+    # a short time budget on a CPU buys a smaller input (10 epochs at the expected speed); a long one changes nothing
+    fp.n_training = 100
+    short, why = plan_size(fp, "auto", "auto", "cpu", minutes=1.5)
+    assert short[0] * short[1] < size[0] * size[1] / 2 and "1.5 minutes buy 10 epochs of 100 images" in why
+    assert plan_size(fp, "auto", "auto", "cpu", minutes=120)[0] == size
 
 
 def test_batch_size_fills_the_device_budget_with_small_steps_on_a_cpu():
