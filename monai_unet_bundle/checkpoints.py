@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import threading
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -482,11 +483,15 @@ class ResumeCheckpoint:
             n += 1
             kept = Path(path).with_name(f"{Path(path).stem}_{stamp}_{n}{Path(path).suffix}")
         Path(path).rename(kept)
+        plan = Path(path).parent / "plan.json"
+        if plan.is_file():  # the model's plan goes with it, as <stem>.plan.json (monai_unet_bundle.plan.plan_path_for)
+            shutil.copy2(plan, kept.with_name(f"{kept.stem}.plan.json"))
         logger.warning("a new run starts: the earlier run's best model %s was kept as %s", path, kept)
         ours = re.compile(rf"{re.escape(Path(path).stem)}_\d{{8}}-\d{{6}}(_\d+)?{re.escape(Path(path).suffix)}")
         earlier = sorted((p for p in Path(path).parent.iterdir() if ours.fullmatch(p.name)), key=lambda p: p.stat().st_mtime)
         for old in earlier[:-KEEP_EARLIER_MODELS]:  # the oldest go, so repeated runs (MONAI Label) don't fill the disk
             old.unlink(missing_ok=True)
+            old.with_name(f"{old.stem}.plan.json").unlink(missing_ok=True)
             logger.info("removed %s: only the %d most recent earlier models are kept", old, KEEP_EARLIER_MODELS)
 
     def load(self, engine: Engine) -> None:

@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
@@ -92,9 +95,19 @@ def make_dataset(
     spatial_size: Sequence[int] = (512, 512),
     in_channels: int = 3,
     num_workers: int = 0,
+    plan: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    """Build the data set for ``data`` with the caching chosen by ``cache`` (see the module docstring)."""
+    """Build the data set for ``data`` with the caching chosen by ``cache`` (see the module docstring).
+
+    ``plan``: the training plan; the disk cache goes in a sub-folder named by its hash, since MONAI's
+    ``PersistentDataset`` keys entries by the data item only and a new plan (size, normalisation,
+    channels) must not reuse tensors made under another.
+    """
     mode = choose_cache(cache, len(data), spatial_size, in_channels)
+    if plan is not None:
+        key = json.dumps({k: plan.get(k) for k in ("spatial_size", "in_channels", "normalization", "num_classes",
+                                                   "mask_palette", "mask_thresholds")}, sort_keys=True)
+        cache_dir = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
     if mode == "memory":
         available("tqdm")  # our one warning when it is missing (MONAI's own about the caching bar is silenced)
         return CacheDataset(data=data, transform=transform, cache_rate=1.0, num_workers=num_workers or None)

@@ -12,7 +12,7 @@ The data check reads every image and mask once; from what it finds (:class:`Data
 * ``spatial_size``: the median image's aspect ratio kept, each side a multiple of the U-Net's stride,
   within a pixel budget for the device (about 256x256 on a CPU, 512x512 on a GPU; on a CPU with a
   short ``time_budget_minutes``, smaller, so that the budget still buys 10 epochs) and never
-  larger than the median image;
+  larger than the median image (beyond rounding to the stride grid);
 * ``batch_size``: what fits that size on the device;
 * ``normalization``: 8-bit images (photographs, PNG/JPEG masks' images) are divided by 255; 16-bit,
   float, NIfTI and grayscale DICOM images get a per-image z-score after clipping to their 0.5 and
@@ -47,8 +47,8 @@ from monai_unet_bundle.networks import TOTAL_STRIDE, check_spatial_size
 from monai_unet_bundle.transforms import mode_channels
 
 __all__ = [
-    "AUTO", "NORMALIZATIONS", "PLAN_FILE", "DataFingerprint", "image_depth", "make_plan", "mask_histogram", "saved_plan",
-    "write_plan",
+    "AUTO", "NORMALIZATIONS", "PLAN_FILE", "DataFingerprint", "image_depth", "make_plan", "mask_histogram", "plan_path_for",
+    "saved_plan", "write_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def plan_classes(fp: DataFingerprint, settings: Mapping[str, Any]) -> tuple[int,
     if top < MAX_PLANNED_CLASSES:
         return top + 1, None, None, f"class-index masks (values {shown}): {top + 1} classes"
     gaps = np.diff(values)
-    if len(values) <= MAX_PLANNED_CLASSES and gaps.max() <= 2 * gaps.min():
+    if 1 < len(values) <= MAX_PLANNED_CLASSES and gaps.max() <= 2 * gaps.min():
         cuts = [(a + b) / 2 for a, b in zip(values, values[1:])]
         return len(values), None, cuts, f"{len(values)} evenly spread gray levels ({shown}) read as classes 0..{len(values) - 1} in that order"
     if {0.0, 255.0} <= set(values):  # 0/255 masks, some holding stray values: the data check names those files
@@ -207,6 +207,15 @@ def plan_channels(fp: DataFingerprint, setting: Any) -> tuple[int, str]:
     if colour:
         return 3, f"{colour} of {sum(fp.modes.values())} images are in colour"
     return 1, "every image is grayscale"
+
+
+def _input_square(input_size: Any) -> list[int]:
+    """``[input_size, input_size]``, checked on the stride grid."""
+    try:
+        side = int(input_size)
+    except (TypeError, ValueError):
+        raise BundleInputError(f"input_size must be auto or a whole number such as 256, got {input_size!r}.") from None
+    return check_spatial_size([side, side])
 
 
 def _stride_multiple(value: float) -> int:
@@ -232,14 +241,10 @@ def plan_size(
     fp: DataFingerprint, spatial_size: Any, input_size: Any, device_type: str, minutes: Any = None
 ) -> tuple[list[int], str]:
     """``(spatial_size, why)``: the median image's shape, scaled into the pixel budget (see :func:`pixel_budget`)."""
+    if input_size is not None and not is_auto(input_size):  # MONAI Label's displayable knob wins when it is given
+        return _input_square(input_size), "input_size"
     if not is_auto(spatial_size):
         return check_spatial_size(spatial_size), "set"
-    if input_size is not None and not is_auto(input_size):
-        try:
-            side = int(input_size)
-        except (TypeError, ValueError):
-            raise BundleInputError(f"input_size must be auto or a whole number such as 256, got {input_size!r}.") from None
-        return check_spatial_size([side, side]), "input_size"
     if not fp.heights:
         return [256, 256], "no images to read"
     height, width = float(np.median(fp.heights)), float(np.median(fp.widths))
@@ -418,16 +423,19 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
     Raises:
         BundleInputError: for an unreadable ``plan.json``, or class names that do not fit.
     """
-    path = Path(ckpt_path).parent / PLAN_FILE
+    path = plan_path_for(ckpt_path)
     plan: dict[str, Any]
     if path.is_file():
         try:
             plan = json.loads(path.read_text())
-            plan["num_classes"]
-        except (OSError, ValueError, KeyError, TypeError):
+            missing = [k for k in (*LEGACY, "class_names") if k not in plan]
+        except (OSError, ValueError, TypeError):
+            missing = ["a JSON object"]
+        if missing:
             raise BundleInputError(
-                f"{path} is not a plan written by training: delete it and pass --num_classes, --in_channels and --spatial_size."
-            ) from None
+                f"{path} is not a plan written by training (no {', '.join(missing)}): delete it and pass --num_classes, "
+                f"--in_channels, --spatial_size and --normalization as the model was trained."
+            )
         source = str(path)
     else:
         plan = {**LEGACY, "mask_palette": None, "mask_thresholds": None, "class_weights": None}
@@ -446,11 +454,13 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
         if settings.get(key) is not None and not is_auto(settings.get(key)):
             plan[key] = settings[key]
     size = settings.get("spatial_size")
-    if size is not None and not is_auto(size):
+    if settings.get("input_size") is not None and not is_auto(settings.get("input_size")):
+        plan["spatial_size"] = _input_square(settings["input_size"])
+    elif size is not None and not is_auto(size):
         plan["spatial_size"] = check_spatial_size(size)
-    elif settings.get("input_size") is not None and not is_auto(settings.get("input_size")):
-        side = int(settings["input_size"])
-        plan["spatial_size"] = check_spatial_size([side, side])
+    for key in ("mask_palette", "mask_thresholds"):  # the masks' encoding, when given, wins too
+        if settings.get(key) is not None:
+            plan[key] = settings[key]
     names = settings.get("class_names")
     if names is not None and not is_auto(names):
         plan["class_names"] = list(names)
@@ -462,6 +472,12 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
             f"pass --class_names with {plan['num_classes']} names, background first."
         )
     return plan
+
+
+def plan_path_for(model_path: str | Path) -> Path:
+    """The plan of a model file: ``<stem>.plan.json`` beside it (kept with an earlier run's model), else ``plan.json``."""
+    own = Path(model_path).with_name(f"{Path(model_path).stem}.{PLAN_FILE}")
+    return own if own.is_file() else Path(model_path).parent / PLAN_FILE
 
 
 def _checkpoint_settings(ckpt_path: str | Path) -> dict[str, Any] | None:

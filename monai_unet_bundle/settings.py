@@ -249,7 +249,7 @@ SETTINGS: dict[str, Check] = {
     "class_names": _class_names,
     "in_channels": _in_channels,
     "spatial_size": _spatial_size,
-    "input_size": _auto_or_integer(2 * 16),
+    "input_size": _auto_or_integer(16),
     "normalization": _choice("auto", "unit", "zscore", "minmax"),
     # network
     "architecture": _choice("basic_unet", "unet"),

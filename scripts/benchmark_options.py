@@ -62,6 +62,7 @@ def network() -> torch.nn.Module:
     torch.manual_seed(0)
     parser = ConfigParser()
     parser.read_config(REPO / "configs" / "train.json")
+    parser["plan"] = {"num_classes": 2, "in_channels": 3}  # the network alone: no data check, no plan from data
     return parser.get_parsed_content("network_def")
 
 

@@ -4,7 +4,9 @@ The folder ``OUT_DIR/NAME/`` holds ``configs/`` (every ``*.json`` plus ``logging
 ``LICENSE``, ``README.md``, ``models/model.pt`` when weights are given or present, and a copy of the
 ``monai_unet_bundle`` package.  The training plan beside the weights (``plan.json``) is shipped too,
 and written into the metadata and the stand-alone configs (:func:`apply_plan`), so MONAI Label
-builds, trains and describes the model that was trained.  The package sits at the bundle root because MONAI Label puts the
+builds, trains and describes the model that was trained.  Without a plan, the shipped configs say the
+settings of old explicitly (binary, RGB, 512x512, min-max; :data:`UNPLANNED`), because MONAI Label
+trains on its own datastore, which a plan made from ``dataset_dir`` would not see.  The package sits at the bundle root because MONAI Label puts the
 bundle folder first on ``sys.path`` before it parses the configs, and ``python -m monai.bundle run``
 run from inside the folder finds it on the current directory: either way the configs' imports work
 without installing anything.  ``OUT_DIR/NAME_vVERSION.zip`` holds the same folder (``NAME/...``) with
@@ -263,16 +265,34 @@ def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
         if (source / name).is_file():
             shutil.copy2(source / name, dest / name)
     shutil.copytree(source / PACKAGE, dest / PACKAGE, ignore=IGNORED)
+    plan = None
     if weights is not None:
         (dest / "models").mkdir()
         shutil.copy2(weights, dest / "models" / "model.pt")
-        plan_file = weights.parent / PLAN_FILE
+        own = weights.with_name(f"{weights.stem}.{PLAN_FILE}")  # an earlier run's kept model has its own plan
+        plan_file = own if own.is_file() else weights.parent / PLAN_FILE
         if plan_file.is_file():
-            apply_plan(dest, json.loads(plan_file.read_text()))
+            plan = json.loads(plan_file.read_text())
+            apply_plan(dest, plan)
+    if plan is None:
+        freeze_settings(dest, UNPLANNED)
 
 
 #: plan items written into the shipped configs as explicit settings
-FROZEN = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization")
+FROZEN = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization", "batch_size")
+#: what a bundle shipped without a plan says explicitly: MONAI Label trains on its datastore, which the
+#: plan cannot read (it plans from dataset_dir), so the shipped configs keep the settings of old
+UNPLANNED = {"num_classes": 2, "in_channels": 3, "spatial_size": [512, 512], "normalization": "minmax", "batch_size": 4,
+             "class_weights": None}
+
+
+def freeze_settings(bundle: Path, values: dict) -> None:
+    """Write ``values`` as the top-level settings of the shipped ``train.json`` and ``inference.json`` (where each has the id)."""
+    for name in ("train.json", "inference.json"):
+        path = bundle / "configs" / name
+        config = json.loads(path.read_text())
+        config.update({k: v for k, v in values.items() if k in config})
+        path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 def apply_plan(bundle: Path, plan: dict) -> None:
@@ -285,16 +305,10 @@ def apply_plan(bundle: Path, plan: dict) -> None:
     """
     (bundle / "models" / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     configs = bundle / "configs"
-    for name in ("train.json", "inference.json"):
-        config = json.loads((configs / name).read_text())
-        for key in FROZEN:
-            if key in plan and key in config:
-                config[key] = plan[key]
-        if plan.get("mask_palette") is not None and "mask_palette" in config:
-            config["mask_palette"] = plan["mask_palette"]
-        if plan.get("mask_thresholds") is not None and "mask_thresholds" in config:
-            config["mask_thresholds"] = plan["mask_thresholds"]
-        (configs / name).write_text(json.dumps(config, indent=4) + "\n")
+    values = {k: plan[k] for k in FROZEN if k in plan}
+    values["class_weights"] = plan.get("class_weights")
+    values.update({k: plan[k] for k in ("mask_palette", "mask_thresholds") if plan.get(k) is not None})
+    freeze_settings(bundle, values)
     meta_file = configs / "metadata.json"
     meta = json.loads(meta_file.read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]

@@ -213,6 +213,7 @@ def test_a_new_run_keeps_the_earlier_best_model(tmp_path):
     assert len(kept) == 1 and torch.load(kept[0], weights_only=True)["weight"][0, 0] == 7.0
     assert not (tmp_path / "model.pt").exists()  # nothing overwrote it: the new run writes its own when it validates
     atomic_save({"weight": torch.zeros(1, 2)}, tmp_path / "model_final.pt")  # the user's own: never touched
+    (tmp_path / "plan.json").write_text("{}")  # the model's plan goes with it when it is kept, and is pruned with it
     for i in range(5):  # repeated new runs keep only the most recent earlier models
         atomic_save({"weight": torch.full((1, 2), float(i))}, tmp_path / "model.pt")
         t = _trainer([])
@@ -220,6 +221,7 @@ def test_a_new_run_keeps_the_earlier_best_model(tmp_path):
         t.run([0], max_epochs=1)
     kept = sorted((p for p in tmp_path.glob("model_2*.pt")), key=lambda p: p.stat().st_mtime)
     assert (tmp_path / "model_final.pt").is_file() and len(kept) == 3 and torch.load(kept[-1], weights_only=True)["weight"][0, 0] == 4.0
+    assert sorted(p.name for p in tmp_path.glob("model_2*.plan.json")) == sorted(f"{p.stem}.plan.json" for p in kept)
 
 
 def test_resuming_with_other_network_settings_is_one_sentence(tmp_path):
