@@ -241,10 +241,10 @@ def plan_size(
     fp: DataFingerprint, spatial_size: Any, input_size: Any, device_type: str, minutes: Any = None
 ) -> tuple[list[int], str]:
     """``(spatial_size, why)``: the median image's shape, scaled into the pixel budget (see :func:`pixel_budget`)."""
-    if input_size is not None and not is_auto(input_size):  # MONAI Label's displayable knob wins when it is given
-        return _input_square(input_size), "input_size"
-    if not is_auto(spatial_size):
+    if not is_auto(spatial_size):  # a size given on the command line wins over the displayable input_size
         return check_spatial_size(spatial_size), "set"
+    if input_size is not None and not is_auto(input_size):
+        return _input_square(input_size), "input_size"
     if not fp.heights:
         return [256, 256], "no images to read"
     height, width = float(np.median(fp.heights)), float(np.median(fp.widths))
@@ -454,10 +454,10 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
         if settings.get(key) is not None and not is_auto(settings.get(key)):
             plan[key] = settings[key]
     size = settings.get("spatial_size")
-    if settings.get("input_size") is not None and not is_auto(settings.get("input_size")):
-        plan["spatial_size"] = _input_square(settings["input_size"])
-    elif size is not None and not is_auto(size):
+    if size is not None and not is_auto(size):
         plan["spatial_size"] = check_spatial_size(size)
+    elif settings.get("input_size") is not None and not is_auto(settings.get("input_size")):
+        plan["spatial_size"] = _input_square(settings["input_size"])
     for key in ("mask_palette", "mask_thresholds"):  # the masks' encoding, when given, wins too
         if settings.get(key) is not None:
             plan[key] = settings[key]

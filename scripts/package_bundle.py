@@ -279,11 +279,11 @@ def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
 
 
 #: plan items written into the shipped configs as explicit settings
-FROZEN = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization", "batch_size")
+FROZEN = ("num_classes", "class_names", "in_channels", "normalization", "batch_size")
 #: what a bundle shipped without a plan says explicitly: MONAI Label trains on its datastore, which the
 #: plan cannot read (it plans from dataset_dir), so the shipped configs keep the settings of old
-UNPLANNED = {"num_classes": 2, "in_channels": 3, "spatial_size": [512, 512], "normalization": "minmax", "batch_size": 4,
-             "class_weights": None}
+#: (spatial_size stays auto: inference reads it from models/plan.json, else 512x512, and MONAI Label's input_size sets it)
+UNPLANNED = {"num_classes": 2, "in_channels": 3, "normalization": "minmax", "batch_size": 4, "class_weights": None}
 
 
 def freeze_settings(bundle: Path, values: dict) -> None:

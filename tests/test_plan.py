@@ -109,7 +109,7 @@ def test_size_keeps_the_aspect_ratio_within_the_budget_on_the_stride_grid():
     assert plan_size(small, "auto", "auto", "cpu")[0] == [48, 64]  # never enlarged beyond the stride grid
     assert plan_size(fp, [64, 96], "auto", "cpu") == ([64, 96], "set")
     assert plan_size(fp, "auto", 128, "cpu") == ([128, 128], "input_size")
-    assert plan_size(fp, [64, 96], 128, "cpu") == ([128, 128], "input_size")  # MONAI Label's displayable size wins
+    assert plan_size(fp, [64, 96], 128, "cpu") == ([64, 96], "set")  # a size given on the command line wins
     assert plan_size(fp, "auto", "auto", "cuda")[0][0] > size[0]  # a GPU gets a larger budget
     # a short time budget on a CPU buys a smaller input (10 epochs at the expected speed); a long one changes nothing
     fp.n_training = 100
@@ -169,7 +169,8 @@ def test_saved_plan_falls_back_on_the_weights(tmp_path):
     plan = saved_plan(ckpt, {"num_classes": "auto", "spatial_size": "auto", "batch_size": 3})
     assert plan["spatial_size"] == [96, 64] and plan["normalization"] == "zscore" and plan["batch_size"] == 3
     plan = saved_plan(ckpt, {"mask_thresholds": [100.0], "input_size": 64, "spatial_size": [32, 48]})
-    assert plan["mask_thresholds"] == [100.0] and plan["spatial_size"] == [64, 64]
+    assert plan["mask_thresholds"] == [100.0] and plan["spatial_size"] == [32, 48]
+    assert saved_plan(ckpt, {"input_size": 64, "spatial_size": "auto"})["spatial_size"] == [64, 64]
     # an earlier run's model kept as model_<time>.pt keeps its own plan beside it
     kept = tmp_path / "model_20261202-120000.pt"
     kept.write_bytes(ckpt.read_bytes())
