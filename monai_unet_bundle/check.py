@@ -192,6 +192,7 @@ def run_data_check(
         problems.append(str(exc))
     frequency: dict[str, float] = {}
     raw_values: set[float] = set()
+    note: str | None = None
     if plan is not None:
         to_index = _converter(settings)(plan["num_classes"], plan.get("mask_palette"), plan.get("mask_thresholds"))
         mask_problems, raw_values = _convert_masks(fp, to_index)
@@ -221,7 +222,7 @@ def run_data_check(
             "max_height_width": [max(fp.heights), max(fp.widths)] if fp.heights else None,
         },
         "channel_mix": dict(fp.modes),
-        "channel_conversion": next((w for w in warnings if w.startswith("images by mode")), None),
+        "channel_conversion": note,
         "mask_values": sorted(raw_values)[:64],
         "class_pixel_frequency": frequency,
         "spatial_size": plan["spatial_size"] if plan else settings.get("spatial_size"),

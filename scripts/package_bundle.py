@@ -300,8 +300,10 @@ def apply_plan(bundle: Path, plan: dict) -> None:
 
     MONAI Label trains and infers from ``train.json`` and ``inference.json`` on data of its own
     datastore and reads the model's input and output from ``metadata.json``, so the plan's classes,
-    channels, input size and normalisation become those files' settings (instead of ``auto``), and
-    the metadata's ``channel_def``, ``num_channels`` and ``spatial_shape`` describe the model.
+    channels, normalisation, batch size and class weights become those files' settings (instead of
+    ``auto``; ``spatial_size`` stays ``auto``, read from ``models/plan.json`` unless MONAI Label's
+    ``input_size`` sets it), and the metadata's ``channel_def``, ``num_channels`` and
+    ``spatial_shape`` describe the model.
     """
     (bundle / "models" / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     configs = bundle / "configs"
