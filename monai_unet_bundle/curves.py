@@ -1,7 +1,7 @@
 """Learning curves and validation previews, written after every validation.
 
 * :class:`TrainingCurves` keeps one row per validation (epoch, mean training loss of the epoch,
-  learning rate, every validation metric) and rewrites ``curves.csv`` and ``curves.png`` each time.
+  learning rate, seconds of training so far, every validation metric) and rewrites ``curves.csv`` and ``curves.png`` each time.
   Its rows are part of the resume checkpoint, so a resumed run continues the same curves.
 * :class:`ValidationPreviews` saves, for the first few validation images, the image, the ground
   truth and the prediction side by side (``previews/epoch_XXXX.png``), and sends the same picture
@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ PALETTE = np.array(
 )
 
 
+#: curves.csv columns that are not validation metrics (so not drawn on the validation panel)
+NOT_PLOTTED = ("epoch", "train_loss", "learning_rate", "train_seconds")
+
+
 class TrainingCurves:
     """Collect the training loss per epoch and the validation metrics; write CSV and PNG.
 
@@ -58,14 +63,22 @@ class TrainingCurves:
         self.evaluator = evaluator
         self.rows: list[dict[str, float]] = []
         self._loss_sum, self._loss_count = 0.0, 0
+        self._started: float | None = None
+        self._seconds_before = 0.0
 
     def attach(self, trainer: Engine) -> None:
         """Sum the loss on the trainer's iterations; add a row after each evaluation."""
         if self.evaluator is None:
             raise RuntimeError("TrainingCurves needs the evaluator")
+        trainer.add_event_handler(Events.STARTED, self._start_clock)
         trainer.add_event_handler(Events.EPOCH_STARTED, self._reset_loss)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._add_loss)
         self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.add_row)
+
+    def _start_clock(self, engine: Engine) -> None:
+        # a resumed run counts on from its last row, so ``train_seconds`` is the training time of the whole run
+        self._started = time.perf_counter()
+        self._seconds_before = self.rows[-1].get("train_seconds", 0.0) if self.rows else 0.0
 
     def _reset_loss(self, engine: Engine) -> None:
         self._loss_sum, self._loss_count = 0.0, 0
@@ -80,6 +93,9 @@ class TrainingCurves:
         row["train_loss"] = self._loss_sum / self._loss_count if self._loss_count else float("nan")
         if self.optimizer is not None:
             row["learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        if self._started is not None:
+            # wall-clock seconds since training started (validations included), e.g. to tell how soon a Dice was reached
+            row["train_seconds"] = round(self._seconds_before + time.perf_counter() - self._started, 2)
         for name, value in evaluator.state.metrics.items():
             if np.ndim(value) == 0:
                 row[name] = float(value)
@@ -107,7 +123,7 @@ class TrainingCurves:
         import matplotlib.pyplot as plt
 
         epochs = [r["epoch"] for r in self.rows]
-        metrics = [c for c in columns if c not in ("epoch", "train_loss", "learning_rate")]
+        metrics = [c for c in columns if c not in NOT_PLOTTED]
         fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, [r["train_loss"] for r in self.rows], marker="o", label="training loss")
         ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")

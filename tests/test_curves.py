@@ -27,9 +27,22 @@ def test_curves_have_one_row_per_validation_and_continue_after_resume(tmp_path):
     assert float(rows[2]["val_mean_dice"]) == pytest.approx(0.3)
     assert float(rows[0]["learning_rate"]) == 0.25
     assert Image.open(tmp_path / "curves.png").size[0] > 100
+    seconds = [float(r["train_seconds"]) for r in rows]
+    assert 0 <= seconds[0] <= seconds[1] <= seconds[2] < 60
     restored = TrainingCurves(tmp_path / "again", evaluator=evaluator)
     restored.load_state_dict(curves.state_dict())
     assert [r["epoch"] for r in restored.rows] == [1, 2, 3]
+    # a resumed run's clock goes on from the last row instead of starting at zero
+    restored.rows[-1]["train_seconds"] = 100.0
+    losses = iter([0.1, 0.1])
+    again = Engine(lambda e, b: {"loss": next(losses)})
+    restored.attach(again)
+    again.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0], max_epochs=4))
+    again.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", 3))
+    again.run([0, 1], max_epochs=4)
+    resumed = list(csv.DictReader(open(tmp_path / "again" / "curves.csv")))
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4]
+    assert 100.0 <= float(resumed[3]["train_seconds"]) < 160.0
 
 
 def test_overlay_and_strip_orientation():

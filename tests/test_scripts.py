@@ -104,8 +104,17 @@ def test_benchmark_accuracy_scores_every_side_on_a_folder_and_a_demo_set(tmp_pat
         # equal wall time: the plain loop ran (about) as long as the planned bundle's whole training process
         assert result["plain"]["train_seconds"] == pytest.approx(result["auto"]["train_seconds"], rel=0.5, abs=5)
         assert result["explicit"]["plan"]["spatial_size"] == [32, 32]
+        # time to reach the plain loop's Dice: read off the validation curve, whose times grow and fit the wall time
+        for side in ("auto", "explicit"):
+            curve = result[side]["val_curve"]
+            assert len(curve) == result[side]["epochs"] and all(0 < a[0] <= b[0] for a, b in zip(curve, curve[1:]))
+            assert curve[-1][0] == pytest.approx(result[side]["train_seconds"], abs=0.2)
+            reach = result[side]["reach_plain_seconds"]
+            reached = [t for t, dice in curve if dice >= result["plain"]["mean_dice"]]
+            assert reach == (reached[0] if reached else None)
     # given only the data, the bundle planned the classes and channels the plain loop was given
     assert (cells["auto"]["plan"]["num_classes"], cells["auto"]["plan"]["in_channels"]) == (2, 1)
     assert (multi["auto"]["plan"]["num_classes"], multi["auto"]["plan"]["in_channels"]) == (3, 3)
     assert cells["auto"]["plan"]["spatial_size"] == [32, 48]  # the 36x44 images' aspect on the stride grid
+    assert "reaches plain's Dice at s" in proc.stdout
     assert "| cells | 2 | explicit |" in proc.stdout and "| demo_multiclass | 3 | plain |" in proc.stdout
