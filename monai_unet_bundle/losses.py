@@ -106,7 +106,15 @@ class SegmentationLoss(torch.nn.Module):
         self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, include_background=True, gamma=2.0, weight=weight)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the loss terms, each a mean over the batch."""
+        """Sum of the loss terms, each a mean over the batch.
+
+        ``logits`` of one dimension more than ``labels`` are a deep supervision stack ``(B, S, C, H, W)``
+        (:class:`~monai_unet_bundle.networks.DeepSupervisedUNet`): the loss of output ``s`` is weighted by
+        ``2**-s`` (the full-size output most, as nnU-Net does), the weights summing to one.
+        """
+        if labels.ndim >= 3 and logits.ndim == labels.ndim + 1:
+            weights = [0.5**s for s in range(logits.shape[1])]
+            return sum(w * self(logits[:, s], labels) for s, w in enumerate(weights)) / sum(weights)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels, the loss expects num_classes={self.num_classes}")
         target = labels[:, 0].long() if labels.ndim == logits.ndim else labels.long()

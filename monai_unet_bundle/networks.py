@@ -1,9 +1,11 @@
-"""The classic 2D U-Net, built from MONAI's ``BasicUNet``, and checks of its settings.
+"""The 2D segmentation networks (MONAI's ``BasicUNet``, ``UNet`` and ``DynUNet``) and checks of their settings.
 
-``BasicUNet`` is the original design: five resolution levels, two (3x3 conv + norm + activation)
-blocks per level, max-pool down, transposed-conv up and skip concatenation.  The configs build it
-directly; the helpers here turn the bundle's flat knobs (``base_features``, ``activation``) into
-its arguments and check ``spatial_size`` before any training starts.
+``BasicUNet`` is the original design and the default: five resolution levels, two (3x3 conv + norm +
+activation) blocks per level, max-pool down, transposed-conv up and skip concatenation.  ``DynUNet`` is
+nnU-Net's network in MONAI (strided convolutions down, instance norm) trained with deep supervision.
+The configs build them through :func:`build_network`; the helpers here turn the bundle's flat knobs
+(``base_features``, ``activation``) into their arguments and check ``spatial_size`` before any
+training starts.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from monai.networks.nets import DynUNet
 
 from monai_unet_bundle.errors import BundleInputError
 
 __all__ = [
-    "ACTIVATIONS", "NETWORKS", "TOTAL_STRIDE", "activation", "build_network", "check_dropout", "check_spatial_size", "unet_features",
+    "ACTIVATIONS", "DEEP_SUPERVISION_HEADS", "NETWORKS", "DeepSupervisedUNet", "TOTAL_STRIDE", "activation", "build_network", "check_dropout", "check_spatial_size", "unet_features",
 ]
 
 #: ``architecture`` setting -> what it builds
 NETWORKS = {
     "basic_unet": "the classic U-Net: max-pool down, two 3x3 conv + batch norm + activation per level, transposed-conv up",
     "unet": "MONAI's strided UNet: strided-conv down, two residual units per level; about 3x less CPU per epoch",
+    "dynunet": "nnU-Net's network (MONAI's DynUNet): strided-conv down, instance norm, deep supervision while training",
 }
+
+#: extra outputs of ``dynunet`` while training, at 1/2 and 1/4 of the input size (upsampled to it)
+DEEP_SUPERVISION_HEADS = 2
 
 #: four 2x max-pools between the five levels
 TOTAL_STRIDE = 16
@@ -99,6 +107,25 @@ def check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+class DeepSupervisedUNet(DynUNet):
+    """MONAI's ``DynUNet`` with deep supervision only where it is trained.
+
+    ``DynUNet`` returns its deep supervision outputs, stacked on dimension 1 as ``(B, 1 + heads, C, H, W)``,
+    whenever it is in training mode.  This one does so only when gradients are on as well, so a network
+    put in training mode for Monte Carlo dropout (MONAI Label's epistemic scoring, under ``no_grad``)
+    still returns plain logits; :class:`~monai_unet_bundle.losses.SegmentationLoss` takes the stack.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.output_block(self.skip_layers(x))
+        if self.training and self.deep_supervision and torch.is_grad_enabled():
+            outputs = [out]
+            for head in self.heads:
+                outputs.append(F.interpolate(head, out.shape[2:]))
+            return torch.stack(outputs, dim=1)
+        return out
+
+
 def build_network(
     name: str = "basic_unet",
     in_channels: int = 3,
@@ -109,9 +136,11 @@ def build_network(
 ) -> torch.nn.Module:
     """Build the 2D segmentation network called ``name`` (see :data:`NETWORKS`).
 
-    Both have five resolution levels with ``base_features`` doubling per level (f .. 16f), batch
-    norm, the chosen activation and skip connections; ``basic_unet`` is the classic design, ``unet``
-    trades max-pooling for strided convolutions and adds residual units.
+    All have five resolution levels with ``base_features`` doubling per level (f .. 16f), the chosen
+    activation and skip connections; ``basic_unet`` is the classic design with batch norm, ``unet``
+    trades max-pooling for strided convolutions and adds residual units, ``dynunet`` is nnU-Net's
+    network (strided convolutions, instance norm) with :data:`DEEP_SUPERVISION_HEADS` extra outputs
+    while training (see :class:`DeepSupervisedUNet`).
 
     ``dropout`` (0 <= p < 1, default 0) puts a dropout layer after every convolution block's norm;
     it has no weights, so a state dict fits the network whatever its ``dropout``.  Training uses it
@@ -136,5 +165,11 @@ def build_network(
         return UNet(
             spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=features[:5],
             strides=(2, 2, 2, 2), num_res_units=2, act=act_spec, norm="batch", dropout=dropout,
+        )
+    if name == "dynunet":
+        return DeepSupervisedUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2],
+            upsample_kernel_size=[2] * 4, filters=list(features[:5]), dropout=dropout or None, norm_name=("instance", {"affine": True}),
+            act_name=act_spec, deep_supervision=True, deep_supr_num=DEEP_SUPERVISION_HEADS, trans_bias=True,
         )
     raise BundleInputError(f"architecture {name!r} is not supported: use one of {', '.join(NETWORKS)}.")

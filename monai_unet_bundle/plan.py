@@ -362,8 +362,11 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
     normalization, why["normalization"] = plan_normalization(fp, settings.get("normalization"))
     counts = class_counts(fp, to_index_factory(num_classes, palette, thresholds))
     weights, why["class_weights"] = plan_class_weights(counts, settings.get("class_weights"), str(settings.get("loss_name")))
+    network, network_why = plan_network(settings)
+    why.update(network_why)
     total = int(counts.sum())
     return {
+        **network,
         "version": PLAN_VERSION,
         "num_classes": int(num_classes),
         "class_names": names,
@@ -393,7 +396,9 @@ def _why_text(reason: str) -> str:
 def log_plan(plan: Mapping[str, Any]) -> None:
     """Print the plan, one line per item, with the reason for each."""
     why = plan.get("why", {})
-    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "normalization", "class_weights"):
+    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "normalization", "class_weights", *NETWORK):
+        if key not in plan:
+            continue
         value = plan[key]
         extra = ""
         if key == "num_classes" and plan.get("mask_palette"):
@@ -411,6 +416,22 @@ def write_plan(plan: Mapping[str, Any], path: str | Path) -> None:
 #: what a model trained before plans existed was trained with (the settings' old defaults)
 LEGACY = {"num_classes": 2, "in_channels": 3, "spatial_size": [512, 512], "batch_size": 4, "normalization": "minmax"}
 
+#: the network's settings, kept in the plan so that evaluation and inference build the network training built;
+#: ``auto`` at training means these defaults, at inference "as the model was trained"
+NETWORK = {"architecture": "basic_unet", "base_features": 16, "activation": "elu"}
+
+
+def plan_network(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The network settings for training: each as set, or its default (:data:`NETWORK`) when ``auto`` or absent."""
+    chosen, why = {}, {}
+    for key, default in NETWORK.items():
+        value = settings.get(key)
+        if value is None or is_auto(value):
+            chosen[key], why[key] = default, "default"
+        else:
+            chosen[key], why[key] = value, "set"
+    return chosen, why
+
 
 def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The plan a model was trained with (``plan.json`` beside ``ckpt_path``), explicit settings applied on top.
@@ -418,7 +439,9 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
     Settings other than ``auto`` win.  Without a ``plan.json`` (a model from before plans, or from
     elsewhere), ``num_classes`` and ``in_channels`` are read from the checkpoint's weights when it
     is one of this bundle's networks, and the rest take the old defaults (512x512, min-max
-    normalisation), with a warning.
+    normalisation), with a warning.  The network (``architecture``, ``base_features``,
+    ``activation``) is the plan's; a plan from before it was kept there gives the architecture and
+    width the weights tell, and ELU.
 
     Raises:
         BundleInputError: for an unreadable ``plan.json``, or class names that do not fit.
@@ -450,7 +473,10 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
                            "them explicitly if the model was trained otherwise", PLAN_FILE, ckpt_path, source,
                            plan["spatial_size"], plan["normalization"])
     plan = dict(plan)
-    for key in ("num_classes", "in_channels", "batch_size", "normalization"):
+    if any(key not in plan for key in NETWORK):  # a plan (or model) from before the network was part of the plan
+        trained = _checkpoint_settings(ckpt_path) or {}
+        plan.update({key: plan.get(key, trained.get(key, default)) for key, default in NETWORK.items()})
+    for key in ("num_classes", "in_channels", "batch_size", "normalization", *NETWORK):
         if settings.get(key) is not None and not is_auto(settings.get(key)):
             plan[key] = settings[key]
     size = settings.get("spatial_size")
@@ -481,7 +507,7 @@ def plan_path_for(model_path: str | Path) -> Path:
 
 
 def _checkpoint_settings(ckpt_path: str | Path) -> dict[str, Any] | None:
-    """``in_channels`` and ``num_classes`` of a model file of this bundle, or ``None``."""
+    """What a model file of this bundle was built with (architecture, channels, classes, width), or ``None``."""
     from monai_unet_bundle.checkpoints import network_settings
 
     if not Path(ckpt_path).is_file():

@@ -252,9 +252,9 @@ SETTINGS: dict[str, Check] = {
     "input_size": _auto_or_integer(16),
     "normalization": _choice("auto", "unit", "zscore", "minmax"),
     # network
-    "architecture": _choice("basic_unet", "unet"),
-    "base_features": _integer(1),
-    "activation": _choice("elu", "relu", "leakyrelu"),
+    "architecture": _choice("auto", "basic_unet", "unet", "dynunet"),
+    "base_features": _auto_or_integer(1),
+    "activation": _choice("auto", "elu", "relu", "leakyrelu"),
     "dropout": lambda value, _: (
         None if _is_number(value) and 0 <= value < 1 else "a number from 0 up to (not including) 1, e.g. 0.2"
     ),

@@ -279,7 +279,7 @@ def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
 
 
 #: plan items written into the shipped configs as explicit settings
-FROZEN = ("num_classes", "class_names", "in_channels", "normalization", "batch_size")
+FROZEN = ("num_classes", "class_names", "in_channels", "normalization", "batch_size", "architecture", "base_features", "activation")
 #: what a bundle shipped without a plan says explicitly: MONAI Label trains on its datastore, which the
 #: plan cannot read (it plans from dataset_dir), so the shipped configs keep the settings of old
 #: (spatial_size stays auto: inference reads it from models/plan.json, else 512x512, and MONAI Label's input_size sets it)
@@ -300,7 +300,7 @@ def apply_plan(bundle: Path, plan: dict) -> None:
 
     MONAI Label trains and infers from ``train.json`` and ``inference.json`` on data of its own
     datastore and reads the model's input and output from ``metadata.json``, so the plan's classes,
-    channels, normalisation, batch size and class weights become those files' settings (instead of
+    channels, normalisation, batch size, class weights and network become those files' settings (instead of
     ``auto``; ``spatial_size`` stays ``auto``, read from ``models/plan.json`` unless MONAI Label's
     ``input_size`` sets it), and the metadata's ``channel_def``, ``num_channels`` and
     ``spatial_shape`` describe the model.

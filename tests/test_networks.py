@@ -53,11 +53,42 @@ def test_build_network_by_name():
     assert isinstance(classic, BasicUNet) and isinstance(strided, UNet)
     assert strided(torch.rand(1, 1, 32, 32)).shape == (1, 4, 32, 32)
     assert any(isinstance(m, torch.nn.ELU) for m in strided.modules())
-    with pytest.raises(BundleInputError, match="architecture 'segformer' is not supported: use one of basic_unet, unet"):
+    with pytest.raises(BundleInputError, match="architecture 'segformer' is not supported: use one of basic_unet, unet, dynunet"):
         build_network("segformer")
 
 
-@pytest.mark.parametrize("name", ["basic_unet", "unet"])
+def test_dynunet_gives_deep_supervision_only_while_it_learns():
+    """Training with gradients: the full-size logits and the 1/2 and 1/4 heads, stacked; otherwise plain logits."""
+    from monai.networks.nets import DynUNet
+
+    from monai_unet_bundle.checkpoints import network_settings
+    from monai_unet_bundle.losses import SegmentationLoss
+    from monai_unet_bundle.networks import DEEP_SUPERVISION_HEADS, build_network
+
+    torch.manual_seed(0)
+    net = build_network("dynunet", 1, 3, 4, "leakyrelu")
+    assert isinstance(net, DynUNet) and any(isinstance(m, torch.nn.InstanceNorm2d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())
+    x = torch.rand(2, 1, 32, 48)
+    stack = net(x)
+    assert stack.shape == (2, 1 + DEEP_SUPERVISION_HEADS, 3, 32, 48)
+    with torch.no_grad():  # training mode without gradients (Monte Carlo dropout): logits only
+        assert net(x).shape == (2, 3, 32, 48)
+    net.eval()
+    assert net(x).shape == (2, 3, 32, 48)
+    # the stack's first entry is the network's output (instance norm keeps no running statistics)
+    torch.testing.assert_close(net(x), stack[:, 0].detach(), rtol=1e-4, atol=1e-4)
+    # the loss weights output s by 2**-s, the weights summing to one
+    labels = torch.randint(0, 3, (2, 1, 32, 48))
+    loss = SegmentationLoss("dice_ce", num_classes=3)
+    expected = sum(0.5**s * loss(stack[:, s], labels) for s in range(3)) / 1.75
+    torch.testing.assert_close(loss(stack, labels), expected)
+    assert not torch.allclose(loss(stack, labels), loss(stack[:, 0], labels))
+    # a saved model tells its architecture and sizes
+    assert network_settings(net.state_dict()) == {"architecture": "dynunet", "in_channels": 1, "num_classes": 3, "base_features": 4}
+
+
+@pytest.mark.parametrize("name", ["basic_unet", "unet", "dynunet"])
 def test_dropout_is_monte_carlo_in_training_mode_and_off_in_evaluation(name):
     """``dropout`` (MONAI Label's epistemic scoring writes it into ``network_def``) adds no weights, acts only in training mode."""
     from monai_unet_bundle.networks import build_network

@@ -165,6 +165,18 @@ def test_saved_plan_falls_back_on_the_weights(tmp_path):
     plan = saved_plan(ckpt, {"num_classes": "auto", "in_channels": "auto", "spatial_size": "auto", "class_names": "auto"})
     assert (plan["num_classes"], plan["in_channels"], plan["spatial_size"]) == (4, 1, [512, 512])
     assert plan["class_names"] == ["background", "class_1", "class_2", "class_3"]
+    assert (plan["architecture"], plan["base_features"], plan["activation"]) == ("basic_unet", 2, "elu")  # from the weights
+    # a plan written before the network was part of it: the weights tell the network
+    strided = tmp_path / "strided" / "model.pt"
+    strided.parent.mkdir()
+    torch.save(build_network("unet", in_channels=1, out_channels=4, base_features=4).state_dict(), strided)
+    old = {k: v for k, v in plan.items() if k not in ("architecture", "base_features", "activation")}
+    (strided.parent / "plan.json").write_text(json.dumps(old))
+    assert [saved_plan(strided, {})[k] for k in ("architecture", "base_features", "activation")] == ["unet", 4, "elu"]
+    assert saved_plan(strided, {"activation": "relu", "architecture": "auto"})["activation"] == "relu"  # settings win
+    (strided.parent / "plan.json").write_text(json.dumps({**old, "architecture": "dynunet", "base_features": 8, "activation": "leakyrelu"}))
+    assert [saved_plan(strided, {"base_features": "auto"})[k] for k in ("architecture", "base_features", "activation")] == [
+        "dynunet", 8, "leakyrelu"]  # the plan's network, when it has one
     (tmp_path / "plan.json").write_text(json.dumps({**plan, "spatial_size": [96, 64], "normalization": "zscore"}))
     plan = saved_plan(ckpt, {"num_classes": "auto", "spatial_size": "auto", "batch_size": 3})
     assert plan["spatial_size"] == [96, 64] and plan["normalization"] == "zscore" and plan["batch_size"] == 3

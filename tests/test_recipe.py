@@ -86,3 +86,36 @@ def test_recipe_options_train_through_the_cli(tmp_path, tiny_dataset):
     proc = run_bundle("--config_file", config("train.json"), "--bundle_root", str(tmp_path / "bad"), "--dataset_dir",
                       str(tiny_dataset), "--augmentation", "strong", expect_rc=2)
     assert "augmentation is 'strong', but it must be one of none, light, default, heavy" in proc.stderr
+
+
+def test_dynunet_trains_with_deep_supervision_and_serves_without_repeating_it(tmp_path):
+    """``--architecture dynunet`` trains through the CLI (deep supervision in the loss); the plan keeps the network, so
+    evaluation and inference, given no network settings, build the same one; masks come out at each image's size."""
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import write_pairs
+
+    data = write_pairs(tmp_path / "data", n=4, size=(36, 44), mode="L")
+    write_pairs(tmp_path / "data", n=2, size=(50, 30), seed=1, mode="L")  # overwrites two pairs with another size
+    run_bundle("--config_file", config("train.json"), "--bundle_root", str(tmp_path / "b"), "--dataset_dir", str(data),
+               "--num_workers", "0", "--max_epochs", "2", "--architecture", "dynunet", "--base_features", "4",
+               "--activation", "leakyrelu")
+    plan = json.loads((tmp_path / "b" / "models" / "plan.json").read_text())
+    assert (plan["architecture"], plan["base_features"], plan["activation"]) == ("dynunet", 4, "leakyrelu")
+    state = torch.load(tmp_path / "b" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert any("deep_supervision_heads" in k for k in state)  # DynUNet's extra heads were trained and saved
+    run_bundle("--config_file", config("train.json", "evaluate.json"), "--bundle_root", str(tmp_path / "b"),
+               "--dataset_dir", str(data), "--num_workers", "0")
+    assert json.loads((tmp_path / "b" / "eval" / "metrics_summary.json").read_text())["mean_over_images"]["dice"]
+    out = tmp_path / "out"
+    run_bundle("--config_file", config("inference.json"), "--bundle_root", str(tmp_path / "b"),
+               "--input_dir", str(data / "images"), "--output_dir", str(out))
+    sizes = {Image.open(p).size for p in out.rglob("*.png")}
+    assert sizes == {(44, 36), (30, 50)}
+    # a model trained with another network than the settings ask for is refused with the values to pass
+    proc = run_bundle("--config_file", config("inference.json"), "--bundle_root", str(tmp_path / "b"),
+                      "--input_dir", str(data / "images"), "--output_dir", str(tmp_path / "out2"),
+                      "--architecture", "basic_unet", expect_rc=2)
+    assert "architecture dynunet" in proc.stderr and "basic_unet" in proc.stderr

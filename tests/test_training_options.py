@@ -44,6 +44,12 @@ def test_training_knobs_change_what_training_writes(tmp_path: Path):
     strip = Image.open(tmp_path / "logs" / "previews" / "epoch_0004.png")
     assert strip.height > strip.width / 3 * 1.5  # two image rows (image | truth | prediction each)
     assert any((tmp_path / "cache" / "persistent" / "train").iterdir())  # disk cache
+    # inference given no network settings builds the strided UNet of width 8 with ReLU from the plan
+    plan = json.loads((tmp_path / "models" / "plan.json").read_text())
+    assert (plan["architecture"], plan["base_features"], plan["activation"]) == ("unet", 8, "relu")
+    run_bundle("--config_file", config("inference.json"), "--bundle_root", str(tmp_path), "--input_dir", str(data / "images"),
+               "--output_dir", str(tmp_path / "out"))
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 8
 
 
 def test_mask_encodings_are_read_as_documented(tmp_path: Path):
