@@ -463,7 +463,7 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
     else:
         plan = {**LEGACY, "mask_palette": None, "mask_thresholds": None, "class_weights": None}
         source = "defaults"
-        trained = _checkpoint_settings(ckpt_path)
+        trained = checkpoint_settings(ckpt_path)
         if trained:
             plan.update({k: trained[k] for k in ("num_classes", "in_channels")})
             source = f"the weights of {ckpt_path}"
@@ -474,7 +474,7 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
                            plan["spatial_size"], plan["normalization"])
     plan = dict(plan)
     if any(key not in plan for key in NETWORK):  # a plan (or model) from before the network was part of the plan
-        trained = _checkpoint_settings(ckpt_path) or {}
+        trained = checkpoint_settings(ckpt_path) or {}
         plan.update({key: plan.get(key, trained.get(key, default)) for key, default in NETWORK.items()})
     for key in ("num_classes", "in_channels", "batch_size", "normalization", *NETWORK):
         if settings.get(key) is not None and not is_auto(settings.get(key)):
@@ -506,7 +506,7 @@ def plan_path_for(model_path: str | Path) -> Path:
     return own if own.is_file() else Path(model_path).parent / PLAN_FILE
 
 
-def _checkpoint_settings(ckpt_path: str | Path) -> dict[str, Any] | None:
+def checkpoint_settings(ckpt_path: str | Path) -> dict[str, Any] | None:
     """What a model file of this bundle was built with (architecture, channels, classes, width), or ``None``."""
     from monai_unet_bundle.checkpoints import network_settings
 

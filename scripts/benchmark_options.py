@@ -48,6 +48,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from monai_unet_bundle.fusion import fuse_batch_norm  # noqa: E402
 from monai_unet_bundle.losses import SegmentationLoss  # noqa: E402
+from monai_unet_bundle.plan import NETWORK  # noqa: E402
 
 ALLOCATORS = {
     "glibc": None,
@@ -62,7 +63,8 @@ def network() -> torch.nn.Module:
     torch.manual_seed(0)
     parser = ConfigParser()
     parser.read_config(REPO / "configs" / "train.json")
-    parser["plan"] = {"num_classes": 2, "in_channels": 3}  # the network alone: no data check, no plan from data
+    # the network alone: no data check, no plan from data
+    parser["plan"] = {"num_classes": 2, "in_channels": 3, **NETWORK}
     return parser.get_parsed_content("network_def")
 
 

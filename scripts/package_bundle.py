@@ -271,11 +271,26 @@ def copy_bundle(dest: Path, weights: Path | None, source: Path = REPO) -> None:
         shutil.copy2(weights, dest / "models" / "model.pt")
         own = weights.with_name(f"{weights.stem}.{PLAN_FILE}")  # an earlier run's kept model has its own plan
         plan_file = own if own.is_file() else weights.parent / PLAN_FILE
+        network = trained_network(weights, source)
         if plan_file.is_file():
             plan = json.loads(plan_file.read_text())
-            apply_plan(dest, plan)
-    if plan is None:
+            apply_plan(dest, {**network, **plan})  # a plan from before the network was kept in it: the weights tell
+        else:
+            freeze_settings(dest, {**UNPLANNED, **network})
+    if plan is None and weights is None:
         freeze_settings(dest, UNPLANNED)
+
+
+def trained_network(weights: Path, source: Path = REPO) -> dict:
+    """``architecture``, ``base_features`` (read from the weights' tensor shapes) and ``activation`` (ELU, which
+    the weights cannot tell) of a model of this bundle, for configs that must build it; ``{}`` for other files."""
+    sys.path.insert(0, str(source))
+    try:
+        from monai_unet_bundle.plan import NETWORK, checkpoint_settings
+    finally:
+        sys.path.remove(str(source))
+    found = checkpoint_settings(weights) or {}
+    return {key: found.get(key, default) for key, default in NETWORK.items()} if found else {}
 
 
 #: plan items written into the shipped configs as explicit settings
