@@ -17,8 +17,10 @@ with the plan it started with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from monai.data import MetaTensor
 from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.data import DataSource, discover_datalists, fingerprint
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.folds import assign_folds, check_folds, split_fold
 from monai_unet_bundle.networks import check_spatial_size
 from monai_unet_bundle.plan import AUTO, DataFingerprint, class_counts, is_auto, log_plan, make_plan, mask_histogram, write_plan
 from monai_unet_bundle.readers import NIFTI_SUFFIXES, inspect_image, unreadable_reason
@@ -47,6 +50,7 @@ def _settings_key(source: DataSource, lists: dict, settings: Mapping[str, Any], 
     return {
         "version": REPORT_VERSION, "settings": {k: settings[k] for k in sorted(settings)}, "device": device_type,
         "fixed_plan": fixed_plan, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
+        "folds": [source.num_folds, source.fold, source.seed] if source.num_folds is not None else None,
     }
 
 
@@ -164,6 +168,11 @@ def run_data_check(
     """
     settings = dict(settings)
     lists, problems, warnings = discover_datalists(source)
+    folds: tuple[int, int] | None = None
+    try:
+        folds = check_folds(source.num_folds, source.fold)
+    except BundleInputError as exc:
+        problems.insert(0, str(exc))
     if not is_auto(settings.get("spatial_size")) and settings.get("spatial_size") is not None:
         try:
             check_spatial_size(settings["spatial_size"])
@@ -179,11 +188,16 @@ def run_data_check(
         cached = _cached_report(report_file, fingerprint_)
         if cached is not None:
             logger.info("data check: unchanged since the last check (%s); %s", report_file, cached.get("summary", ""))
+            if folds is not None:
+                lists["training"], lists["validation"] = split_fold(lists["training"], cached["folds"]["assignment"], folds[1])
             _publish_plan(cached["plan"], plan_path, fixed_plan is None)
             return lists, cached["plan"]
 
     palette = (fixed_plan or {}).get("mask_palette", settings.get("mask_palette"))
-    fp, scan_problems = _scan_pairs(items, palette is not None, len(lists.get("training", [])))
+    n_training = len(lists.get("training", []))
+    if folds is not None:  # the pool: each fold trains on (K - 1) / K of it
+        n_training = round(n_training * (folds[0] - 1) / folds[0])
+    fp, scan_problems = _scan_pairs(items, palette is not None, n_training)
     problems += scan_problems
     plan: dict[str, Any] | None = None
     try:
@@ -202,6 +216,24 @@ def run_data_check(
         if note:
             warnings.append(note)
         frequency = _class_frequency(class_counts(fp, to_index), plan["class_names"], warnings)
+    fold_report: dict[str, Any] | None = None
+    if folds is not None and not problems:
+        try:
+            fold_report = _deal_folds(lists, folds, source.seed, fp, to_index)
+        except BundleInputError as exc:
+            problems.append(str(exc))
+    if fold_report is not None and plan is not None:
+        deal = {k: fold_report[k] for k in ("num_folds", "fold", "seed", "deal")}
+        if fixed_plan is None:
+            plan["folds"] = deal  # kept beside the model, so its evaluation can tell it scores the pairs it held out
+        elif fixed_plan.get("folds") != deal:
+            trained = fixed_plan.get("folds")
+            was = f"fold {trained['fold']} of {trained['num_folds']} (seed {trained['seed']})" if trained else "without folds"
+            problems.append(
+                f"the model was trained {was}, not on fold {folds[1]} of {folds[0]} as these pairs, groups and seed deal them, "
+                f"so it would be scored on pairs it trained on: pass the --num_folds, --fold, --seed and --group_pattern "
+                f"it was trained with, on the same data."
+            )
     summary = (
         f"{len(lists.get('training', []))} training, {len(lists.get('validation', []))} validation"
         + (f", {len(lists['test'])} test" if lists.get("test") else "")
@@ -227,6 +259,7 @@ def run_data_check(
         "class_pixel_frequency": frequency,
         "spatial_size": plan["spatial_size"] if plan else settings.get("spatial_size"),
         "plan": plan,
+        "folds": fold_report,
         "fingerprint": fingerprint_,
     }
     if report_file is not None:
@@ -239,6 +272,26 @@ def run_data_check(
     assert plan is not None
     _publish_plan(plan, plan_path, fixed_plan is None)
     return lists, plan
+
+
+def _deal_folds(lists: dict[str, list[dict[str, str]]], folds: tuple[int, int], seed: int, fp: DataFingerprint, to_index: MaskToIndex) -> dict[str, Any]:
+    """Deal the pooled training pairs into folds (balanced by the classes present in each mask); keep fold ``folds[1]``
+    as the validation list; return the report's ``folds`` entry (the deal, and each fold's pairs and groups)."""
+    num_folds, fold = folds
+    pool = lists["training"]
+    presence = {
+        d["label"]: frozenset(int(c) for c in np.flatnonzero(class_counts(fp, to_index, [d["label"]])[1:]) + 1)
+        for d in pool if d.get("label")
+    }
+    assignment = assign_folds(pool, num_folds, seed, presence)
+    digest = hashlib.sha256(json.dumps(sorted((Path(i).name, f) for i, f in assignment.items())).encode()).hexdigest()[:16]
+    lists["training"], lists["validation"] = split_fold(pool, assignment, fold)
+    sizes = Counter(assignment.values())
+    groups = {f: len({d.get("group") or d["image"] for d in pool if assignment[d["image"]] == f}) for f in range(num_folds)}
+    logger.info("data check: fold %d of %d validates on %d pairs; pairs per fold %s", fold, num_folds, len(lists["validation"]),
+                [sizes[f] for f in range(num_folds)])
+    return {"num_folds": num_folds, "fold": fold, "seed": seed, "deal": digest, "pairs_per_fold": [sizes[f] for f in range(num_folds)],
+            "groups_per_fold": [groups[f] for f in range(num_folds)], "assignment": assignment}
 
 
 def _converter(settings: Mapping[str, Any]):

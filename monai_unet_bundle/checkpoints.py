@@ -291,6 +291,16 @@ def _mismatch_message(
     )
 
 
+def run_finished(resume_path: str | Path) -> bool:
+    """Whether ``resume_path`` is the resume checkpoint of a training run that finished (it ran out of epochs or
+    budget, or stopped early); ``False`` when there is none or it cannot be read."""
+    try:
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return bool(isinstance(state, dict) and state.get("trainer", {}).get("finished"))
+
+
 def load_model(path: str | Path, network: torch.nn.Module) -> torch.nn.Module:
     """Load the state dict in ``path`` into ``network`` after checking that it fits.
 

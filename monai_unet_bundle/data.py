@@ -467,6 +467,9 @@ class DataSource:
             ``dataset_dir`` is used for training only and nothing is split.
         group_pattern: a regular expression searched in each image's file name whose first group
             names the image's group (e.g. a patient id); see :func:`assign_groups`.
+        num_folds: with K set, the training (and a datalist's validation) pairs are pooled instead
+            of split, and the data check deals them into K folds (:mod:`monai_unet_bundle.folds`).
+        fold: the fold validated on, ``0 .. num_folds - 1``.
     """
 
     dataset_dir: str | Path
@@ -476,6 +479,8 @@ class DataSource:
     mask_suffix: str = ""
     val_dataset_dir: str | Path | None = None
     group_pattern: str | None = None
+    num_folds: int | None = None
+    fold: int = 0
 
 
 def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str]]], list[str], list[str]]:
@@ -534,6 +539,13 @@ def discover_datalists(source: DataSource) -> tuple[dict[str, list[dict[str, str
         warnings += assign_groups([d for section in lists.values() for d in section], source.group_pattern)
     except BundleInputError as exc:
         problems.append(str(exc))
+    if source.num_folds is not None:
+        if val_dataset_dir:
+            problems.append("num_folds deals the pairs of dataset_dir into folds, so val_dataset_dir has no use: remove one of them.")
+        # pooled: the data check deals them into folds once it has read the masks (class presence balances the folds)
+        lists["training"], lists["validation"] = lists.get("training", []) + lists.get("validation", []), []
+        problems += group_leaks(lists)  # the pool against a test list
+        return lists, problems, warnings
     problems += group_leaks(lists)
     if not lists.get("validation"):
         try:
@@ -557,8 +569,11 @@ def build_datalists(source: DataSource) -> dict[str, list[dict[str, str]]]:
     return lists
 
 
-def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, str]]:
+def evaluation_items(lists: dict[str, list[dict[str, str]]], held_out: bool = False) -> list[dict[str, str]]:
     """The pairs evaluation scores: the labelled ``test`` items, else the ``validation`` pairs.
+
+    With ``held_out`` (a cross-validation fold: see :mod:`monai_unet_bundle.folds`), the validation
+    pairs are scored whatever the test list holds: they are the fold's out-of-fold pairs.
 
     A test list usually names images without masks; those cannot be scored, so they are left
     out with a warning (``configs/inference.json --input_files <datalist>`` predicts them).  When
@@ -570,7 +585,7 @@ def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, s
     Raises:
         BundleInputError: when there is nothing with a label to evaluate.
     """
-    test = lists.get("test") or []
+    test = [] if held_out else lists.get("test") or []
     labelled = [d for d in test if d.get("label")]
     unlabelled = len(test) - len(labelled)
     if labelled:
@@ -585,7 +600,9 @@ def evaluation_items(lists: dict[str, list[dict[str, str]]]) -> list[dict[str, s
     validation = lists.get("validation") or []
     if not validation:
         raise BundleInputError("there is nothing to evaluate: the datalist has no labelled test items and no validation pairs.")
-    if test:
+    if held_out:
+        logger.info("evaluation: scoring the %d held-out pairs of this fold", len(validation))
+    elif test:
         logger.warning(
             "evaluation: none of the %d test items has a 'label', so the %d validation pairs are scored instead "
             "(predict the test images with configs/inference.json --input_files <datalist>)", len(test), len(validation),

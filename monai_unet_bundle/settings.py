@@ -245,6 +245,12 @@ SETTINGS: dict[str, Check] = {
     "val_fraction": _fraction,
     "group_pattern": _regex,
     "seed": _seed,
+    "num_folds": lambda value, _: None if value is None or (_is_int(value) and value >= 2) else "null (one split by val_fraction) or a whole number of at least 2, e.g. 5",
+    "fold": lambda value, values: (
+        None if _is_int(value) and 0 <= value < (values.get("num_folds") if _is_int(values.get("num_folds")) else 1)
+        else "0 while num_folds is null (set --num_folds K to train fold k)" if not _is_int(values.get("num_folds"))
+        else "a whole number from 0 to num_folds - 1 (train every fold with scripts/cross_validate.py)"
+    ),
     "num_classes": _num_classes,
     "class_names": _class_names,
     "in_channels": _in_channels,
