@@ -256,7 +256,7 @@ SETTINGS: dict[str, Check] = {
     "in_channels": _in_channels,
     "spatial_size": _spatial_size,
     "input_size": _auto_or_integer(16),
-    "normalization": _choice("auto", "unit", "zscore", "minmax"),
+    "normalization": _choice("auto", "unit", "percentile", "zscore", "minmax"),
     # network
     "architecture": _choice("auto", "basic_unet", "unet", "dynunet"),
     "base_features": _auto_or_integer(1),

@@ -159,7 +159,7 @@ class EnsureChannelsd(MapTransform):
 
 
 #: ``normalization`` modes :class:`NormalizeImaged` applies (the plan's ``NORMALIZATIONS`` says what each does)
-NORMALIZATION_MODES = ("unit", "zscore", "minmax")
+NORMALIZATION_MODES = ("unit", "percentile", "zscore", "minmax")
 
 
 class NormalizeImaged(MapTransform):
@@ -167,9 +167,12 @@ class NormalizeImaged(MapTransform):
 
     * ``unit``: divide by 255, so 8-bit images (photographs, screenshots) land in [0, 1] and keep
       their brightness relative to each other;
-    * ``zscore``: per image, clip to the 0.5 and 99.5 percentiles (a few hot or dead pixels do not
-      set the scale), then subtract the mean and divide by the standard deviation: for 16-bit
-      X-rays, float and NIfTI images whose ranges differ from scanner to scanner;
+    * ``percentile``: per image, clip to the 0.5 and 99.5 percentiles (a few hot or dead pixels do
+      not set the scale) and stretch that range to [0, 1]: for 16-bit X-rays, float and NIfTI
+      images whose ranges differ from scanner to scanner; a dark background stays 0, like the
+      network's zero padding;
+    * ``zscore``: per image, clip to the same percentiles, then subtract the mean and divide by the
+      standard deviation;
     * ``minmax``: per image, the darkest pixel to 0 and the brightest to 1 (the bundle's behaviour
       before it planned the normalisation).
 
@@ -195,6 +198,8 @@ class NormalizeImaged(MapTransform):
             flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000, dtype=torch.long, device=flat.device)]
         lo, hi = torch.quantile(flat.double(), torch.tensor([0.005, 0.995], dtype=torch.double, device=flat.device)).tolist()
         x = x.clamp(lo, hi)
+        if self.mode == "percentile":
+            return (x - lo) / (hi - lo) if hi > lo else x * 0
         sd = float(x.std())
         return (x - x.mean()) / sd if sd > 0 else x * 0
 

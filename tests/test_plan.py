@@ -133,7 +133,7 @@ def test_normalization_and_weights_follow_the_kind_of_data():
     rare = np.zeros((100, 100), np.uint8)
     rare[:5, :5] = 1  # 0.25% foreground
     plan = make_plan(_fp([rare], modes=("I;16",)), AUTO_SETTINGS, "cpu", _factory)
-    assert plan["normalization"] == "zscore" and plan["in_channels"] == 1
+    assert plan["normalization"] == "percentile" and plan["in_channels"] == 1
     weights = plan["class_weights"]
     assert weights[1] > 10 * weights[0] and abs(sum(weights) / 2 - 1) < 1e-3
     common = np.zeros((10, 10), np.uint8)
@@ -153,6 +153,9 @@ def test_normalize_modes():
     z = NormalizeImaged("image", "zscore")({"image": hot})["image"]
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
     assert float(z.max()) < 2.5  # the hot pixel was clipped to the 99.5th percentile, not allowed to set the scale
+    p = NormalizeImaged("image", "percentile")({"image": hot})["image"]
+    assert float(p.min()) == 0.0 and float(p.max()) == 1.0
+    assert 0.4 < float(p.view(-1)[500]) < 0.6  # the middle of the range stays in the middle: the hot pixel set no scale
     with pytest.raises(BundleInputError, match="normalization"):
         NormalizeImaged("image", "bogus")
 
@@ -248,7 +251,7 @@ def test_bundle_given_only_the_data_plans_trains_evaluates_and_infers(tmp_path):
 
 
 @pytest.mark.slow
-def test_nifti_slices_get_zscore_and_the_planned_size(tmp_path):
+def test_nifti_slices_get_percentile_and_the_planned_size(tmp_path):
     """16-bit NIfTI slices of two shapes: z-score normalisation and a non-square size from the median slice."""
     rng = np.random.default_rng(1)
     data = tmp_path / "nii"
@@ -265,5 +268,5 @@ def test_nifti_slices_get_zscore_and_the_planned_size(tmp_path):
     run_bundle("--config_file", config("train.json"), "--bundle_root", str(bundle), "--dataset_dir", str(data),
                "--max_epochs", "1", "--num_workers", "0")
     plan = json.loads((bundle / "models" / "plan.json").read_text())
-    assert plan["normalization"] == "zscore" and plan["num_classes"] == 2 and plan["in_channels"] == 1
+    assert plan["normalization"] == "percentile" and plan["num_classes"] == 2 and plan["in_channels"] == 1
     assert plan["spatial_size"] == [48, 96]
