@@ -439,6 +439,13 @@ def plan_network(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return chosen, why
 
 
+def fill_network(plan: Mapping[str, Any], trained: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The network settings of a model: the plan's, else what its weights tell (``trained``: architecture and
+    width, from :func:`checkpoint_settings`), else the defaults (:data:`NETWORK`; the weights cannot tell the
+    activation)."""
+    return {key: plan.get(key, (trained or {}).get(key, default)) for key, default in NETWORK.items()}
+
+
 def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The plan a model was trained with (``plan.json`` beside ``ckpt_path``), explicit settings applied on top.
 
@@ -454,7 +461,9 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
     """
     path = plan_path_for(ckpt_path)
     plan: dict[str, Any]
-    if path.is_file():
+    trained: dict[str, Any] | None = None
+    from_file = path.is_file()
+    if from_file:
         try:
             plan = json.loads(path.read_text())
             missing = [k for k in (*LEGACY, "class_names") if k not in plan]
@@ -480,8 +489,9 @@ def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
                            plan["spatial_size"], plan["normalization"])
     plan = dict(plan)
     if any(key not in plan for key in NETWORK):  # a plan (or model) from before the network was part of the plan
-        trained = checkpoint_settings(ckpt_path) or {}
-        plan.update({key: plan.get(key, trained.get(key, default)) for key, default in NETWORK.items()})
+        if from_file:  # the weights were not read above
+            trained = checkpoint_settings(ckpt_path)
+        plan.update(fill_network(plan, trained))
     for key in ("num_classes", "in_channels", "batch_size", "normalization", *NETWORK):
         if settings.get(key) is not None and not is_auto(settings.get(key)):
             plan[key] = settings[key]

@@ -286,11 +286,11 @@ def trained_network(weights: Path, source: Path = REPO) -> dict:
     the weights cannot tell) of a model of this bundle, for configs that must build it; ``{}`` for other files."""
     sys.path.insert(0, str(source))
     try:
-        from monai_unet_bundle.plan import NETWORK, checkpoint_settings
+        from monai_unet_bundle.plan import checkpoint_settings, fill_network
     finally:
         sys.path.remove(str(source))
-    found = checkpoint_settings(weights) or {}
-    return {key: found.get(key, default) for key, default in NETWORK.items()} if found else {}
+    found = checkpoint_settings(weights)
+    return fill_network({}, found) if found else {}
 
 
 #: plan items written into the shipped configs as explicit settings
