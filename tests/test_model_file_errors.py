@@ -231,8 +231,10 @@ def test_cli_ends_in_one_line_with_status_2(tmp_path: Path, cli_data: Path, kind
     models.mkdir()
     path = make_file(kind, models, marker, base_features=16)  # 16: the configs' default base_features
     common = ["--bundle_root", str(tmp_path), "--ckpt_path", str(path), *TINY]
-    # without these, num_classes and in_channels (auto) are read from the model's weights, which then fit
-    common += {"num_classes": ["--num_classes", "2"], "in_channels": ["--in_channels", "3"]}.get(kind, [])
+    # without these, num_classes, in_channels, architecture and base_features (auto) are read from the model's
+    # weights (there is no plan beside it), which then fit
+    common += {"num_classes": ["--num_classes", "2"], "in_channels": ["--in_channels", "3"],
+               "architecture": ["--architecture", "basic_unet"], "base_features": ["--base_features", "16"]}.get(kind, [])
     if workflow == "inference":
         args = ["--config_file", config("inference.json"), "--input_dir", str(cli_data / "images"),
                 "--output_dir", str(tmp_path / "predictions")]
