@@ -81,7 +81,7 @@ def test_evaluation_without_a_model_says_so(tmp_path: Path, tiny_dataset: Path):
     ("args", "message"),
     [
         (["--spatial_size", "[40,40]"], "spatial_size [40, 40] is not divisible by the U-Net's total stride 16: use [48, 48] instead."),
-        (["--activation", "swish"], "activation is 'swish', but it must be one of elu, relu, leakyrelu: pass --activation with such a value."),
+        (["--activation", "swish"], "activation is 'swish', but it must be one of auto, elu, relu, leakyrelu: pass --activation with such a value."),
         (["--dataset_dir", "/nonexistent/x"], "dataset_dir '/nonexistent/x' does not exist"),
     ],
 )
