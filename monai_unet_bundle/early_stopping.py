@@ -4,6 +4,10 @@ MONAI's ``EarlyStopHandler`` wraps ignite's ``EarlyStopping`` but keeps no state
 resumed run starts counting patience from zero again.  :class:`EarlyStopping` keeps its counter and
 best score in ``state_dict``; under DistributedDataParallel the decision taken on rank 0 is
 broadcast, so every rank stops after the same epoch and none waits forever in a collective.
+
+``patience="auto"`` is 20 validations, except under a time budget, where it is 0 (never): a budgeted
+run anneals its learning rate towards the deadline, so its best epochs come last, and a plateau in
+the middle of the budget is not the end of learning.
 """
 
 from __future__ import annotations
@@ -19,9 +23,27 @@ from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EarlyStopping", "resolve_patience"]
+
+#: the patience ``auto`` means without a time budget
+DEFAULT_PATIENCE = 20
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_patience(patience: int | str, time_budget_minutes: float | None = None) -> int:
+    """The patience in validations: ``auto`` is :data:`DEFAULT_PATIENCE`, or 0 (never stop) under a time budget.
+
+    Raises:
+        BundleInputError: for anything but ``auto`` or a whole number >= 0.
+    """
+    if isinstance(patience, str) and patience.strip().lower() == "auto":
+        return 0 if time_budget_minutes is not None else DEFAULT_PATIENCE
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise BundleInputError(
+            f"early_stop_patience must be auto or a whole number >= 0 (0 disables it), got {patience!r}."
+        )
+    return patience
 
 
 class EarlyStopping:
@@ -30,20 +52,26 @@ class EarlyStopping:
     Attach it to the evaluator and give it the trainer (in ``__init__`` or with :meth:`set_trainer`).
 
     Args:
-        patience: validations without improvement before stopping; 0 disables early stopping.
+        patience: validations without improvement before stopping; 0 disables early stopping;
+            ``auto`` is 20, or 0 when ``time_budget_minutes`` is set (see :func:`resolve_patience`).
         metric_name: the evaluator metric to maximise.
         min_delta: an increase of at most this much does not count as an improvement.
         trainer: the engine to stop.
+        time_budget_minutes: the run's wall-clock budget, if any (only read by ``patience="auto"``).
 
     Raises:
         BundleInputError: for a negative ``patience`` or ``min_delta``.
     """
 
     def __init__(
-        self, patience: int, metric_name: str = "val_mean_dice", min_delta: float = 0.0, trainer: Engine | None = None
+        self,
+        patience: int | str,
+        metric_name: str = "val_mean_dice",
+        min_delta: float = 0.0,
+        trainer: Engine | None = None,
+        time_budget_minutes: float | None = None,
     ) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise BundleInputError(f"early_stop_patience must be a whole number >= 0 (0 disables it), got {patience!r}.")
+        patience = resolve_patience(patience, time_budget_minutes)
         if not isinstance(min_delta, (int, float)) or min_delta < 0:
             raise BundleInputError(f"early_stop_min_delta must be a number >= 0, got {min_delta!r}.")
         self.patience, self.metric_name, self.min_delta = patience, metric_name, float(min_delta)

@@ -277,7 +277,7 @@ SETTINGS: dict[str, Check] = {
     "class_weights": _class_weights,
     "batch_dice": _boolean,
     "val_interval": _integer(1),
-    "early_stop_patience": _integer(0),
+    "early_stop_patience": _auto_or_integer(0),
     "early_stop_min_delta": _non_negative,
     "resume": _auto_boolean,
     "amp": _auto_boolean,
