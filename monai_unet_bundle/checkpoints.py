@@ -329,15 +329,17 @@ def load_model(path: str | Path, network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-def check_model(path: str | Path, network: torch.nn.Module) -> str:
+def check_model(path: Any, network: torch.nn.Module) -> str:
     """Load ``path`` into ``network`` now (see :func:`load_model`) and return the path.
 
+    ``path`` may also name several models for a fold ensemble (see :mod:`monai_unet_bundle.ensemble`).
     For a config's ``initialize`` list: there it runs before the data set is built (and cached),
     so a wrong file is reported before any image is read, instead of when the evaluator's
     :class:`ModelLoader` is attached.
     """
-    load_model(path, network)
-    return str(path)
+    from monai_unet_bundle.ensemble import load_models
+
+    return ", ".join(load_models(path, network))
 
 
 class ModelLoader:
@@ -348,17 +350,19 @@ class ModelLoader:
     one sentence.
 
     Args:
-        load_path: the model file (``ckpt_path``).
+        load_path: the model file (``ckpt_path``), or several for a fold ensemble.
         network: the network to load it into (``@network``, possibly DistributedDataParallel).
     """
 
-    def __init__(self, load_path: str | Path, network: torch.nn.Module) -> None:
+    def __init__(self, load_path: Any, network: torch.nn.Module) -> None:
         self.load_path = load_path
         self.network = network
 
     def attach(self, engine: Engine) -> None:
-        """Load the weights now."""
-        load_model(self.load_path, self.network)
+        """Load the weights now (one file each into a fold ensemble's networks)."""
+        from monai_unet_bundle.ensemble import load_models
+
+        load_models(self.load_path, self.network)
 
 
 class BestModelSaver:

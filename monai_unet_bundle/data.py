@@ -569,7 +569,7 @@ def build_datalists(source: DataSource) -> dict[str, list[dict[str, str]]]:
     return lists
 
 
-def evaluation_items(lists: dict[str, list[dict[str, str]]], held_out: bool = False) -> list[dict[str, str]]:
+def evaluation_items(lists: dict[str, list[dict[str, str]]], held_out: bool = False, models: int = 1) -> list[dict[str, str]]:
     """The pairs evaluation scores: the labelled ``test`` items, else the ``validation`` pairs.
 
     With ``held_out`` (a cross-validation fold: see :mod:`monai_unet_bundle.folds`), the validation
@@ -581,12 +581,23 @@ def evaluation_items(lists: dict[str, list[dict[str, str]]], held_out: bool = Fa
 
     Args:
         lists: the checked datalists (``training``, ``validation`` and optionally ``test``).
+        held_out: score a cross-validation fold's held-out pairs.
+        models: how many models are scored together (a fold ensemble, see :mod:`monai_unet_bundle.ensemble`):
+            more than one are scored on labelled test pairs only, since every fold but one trained on
+            any training or validation pair.
 
     Raises:
-        BundleInputError: when there is nothing with a label to evaluate.
+        BundleInputError: when there is nothing with a label to evaluate, or an ensemble has no labelled test pairs.
     """
     test = [] if held_out else lists.get("test") or []
     labelled = [d for d in test if d.get("label")]
+    if models > 1 and not labelled:
+        raise BundleInputError(
+            f"an ensemble of {models} models can only be scored on labelled test pairs (each fold model trained on the "
+            f"pairs the others held out), and there are none{' under --num_folds' if held_out else ''}: add test pairs "
+            f"with masks (--datalist with a 'test' list or split whose entries have a label), or score each fold on its own "
+            f"with --num_folds and --fold."
+        )
     unlabelled = len(test) - len(labelled)
     if labelled:
         if unlabelled:

@@ -446,7 +446,35 @@ def fill_network(plan: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
     return {key: plan.get(key, (trained or {}).get(key, default)) for key, default in NETWORK.items()}
 
 
-def saved_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+#: what every model of a fold ensemble must share: one input pipeline and one output
+ENSEMBLE_KEYS = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization", *NETWORK)
+
+
+def saved_plan(ckpt_path: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan the model(s) of ``ckpt_path`` were trained with (see :func:`model_plan`).
+
+    For a fold ensemble (several model files, see :mod:`monai_unet_bundle.ensemble`) every model's
+    plan must agree on :data:`ENSEMBLE_KEYS`; the first model's plan is returned.
+
+    Raises:
+        BundleInputError: as :func:`model_plan`, and for models trained with different plans.
+    """
+    from monai_unet_bundle.ensemble import model_files
+
+    files = model_files(ckpt_path)
+    plans = [model_plan(f, settings) for f in files]
+    for path, other in zip(files[1:], plans[1:]):
+        differ = [k for k in ENSEMBLE_KEYS if other.get(k) != plans[0].get(k)]
+        if differ:
+            detail = "; ".join(f"{k} {plans[0].get(k)} against {other.get(k)}" for k in differ)
+            raise BundleInputError(
+                f"{path} was not trained with the plan of {files[0]} ({detail}): ensemble only models of one plan, "
+                f"such as the folds of one cross-validation."
+            )
+    return plans[0]
+
+
+def model_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The plan a model was trained with (``plan.json`` beside ``ckpt_path``), explicit settings applied on top.
 
     Settings other than ``auto`` win.  Without a ``plan.json`` (a model from before plans, or from

@@ -196,6 +196,14 @@ def _optional_text(value: Any, _: Mapping[str, Any]) -> str | None:
     return None if value is None or (isinstance(value, str) and value.strip()) else "null or a path"
 
 
+def _model_paths(value: Any, _: Mapping[str, Any]) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return None
+    return "a model file, a list of model files or a cross-validation's models folder"
+
+
 def _output_folder(value: Any, _: Mapping[str, Any]) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "a folder path"
@@ -293,7 +301,7 @@ SETTINGS: dict[str, Check] = {
     "input_dir": _optional_text,
     "output_dir": _output_folder,
     "input_files": _input_files,
-    "ckpt_path": _optional_text,
+    "ckpt_path": _model_paths,
     "tta": _boolean,
     "sliding_window": _boolean,
     "keep_largest_component": _boolean,

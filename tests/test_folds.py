@@ -145,6 +145,25 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     assert again.returncode == 0 and "fold 1: its training finished earlier" in again.stdout
     assert model.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "cv" / "eval" / "cross_validation.json").read_text())["folds"] == result["folds"]
+    # the folds folder as ckpt_path (relative): one ensemble whose probabilities are the folds' mean, at each image's size
+    new = tmp_path / "new"
+    new.mkdir()
+    rng = np.random.default_rng(1)
+    for name, shape in (("small.png", (30, 44)), ("large.png", (70, 52))):
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(new / name)
+    (new / "broken.png").write_bytes(b"not an image")
+    probs, logs = {}, {}
+    for label, ckpt in (("ensemble", "cv/models"), ("fold_0", "cv/models/fold_0/model.pt"), ("fold_1", "cv/models/fold_1/model.pt")):
+        proc = run_bundle("--config_file", config("inference.json"), "--ckpt_path", ckpt, "--input_dir", "new",
+                          "--output_dir", f"out_{label}", "--save_probabilities", "true", "--num_workers", "0", cwd=tmp_path)
+        masks = {p.name: np.asarray(Image.open(p)).shape for p in (tmp_path / f"out_{label}").glob("*.png")}
+        assert masks == {"small.png": (30, 44), "large.png": (70, 52)}, (label, masks)
+        probs[label] = np.asarray(Image.open(tmp_path / f"out_{label}" / "probabilities" / "large_foreground.png"), float)
+        logs[label] = proc.stdout + proc.stderr
+        assert "broken.png" in logs[label]
+    assert "ensembling 2 models: cv/models/fold_0/model.pt, cv/models/fold_1/model.pt" in logs["ensemble"]
+    assert "ensembling" not in logs["fold_0"]
+    assert np.abs(probs["ensemble"] - (probs["fold_0"] + probs["fold_1"]) / 2).max() <= 1.0  # 8-bit rounding
 
 
 def _fake_fold(folder: Path, dice: list, precision: list, rows: list[str], cm: list) -> Path:
