@@ -111,11 +111,17 @@ def test_size_keeps_the_aspect_ratio_within_the_budget_on_the_stride_grid():
     assert plan_size(fp, "auto", 128, "cpu") == ([128, 128], "input_size")
     assert plan_size(fp, [64, 96], 128, "cpu") == ([64, 96], "set")  # a size given on the command line wins
     assert plan_size(fp, "auto", "auto", "cuda")[0][0] > size[0]  # a GPU gets a larger budget
-    # a short time budget on a CPU buys a smaller input (10 epochs at the expected speed); a long one changes nothing
+    # a short time budget on a CPU buys a smaller input (50 epochs at the expected speed); a long one changes nothing
     fp.n_training = 100
-    short, why = plan_size(fp, "auto", "auto", "cpu", minutes=1.5)
-    assert short[0] * short[1] < size[0] * size[1] / 2 and "1.5 minutes buy 10 epochs of 100 images" in why
+    short, why = plan_size(fp, "auto", "auto", "cpu", minutes=5)
+    assert short[0] * short[1] < size[0] * size[1] / 2 and "5 minutes buy 50 epochs of 100 images" in why
+    assert abs(short[1] / short[0] - 1000 / 600) < 0.2 and max(short) >= 128
     assert plan_size(fp, "auto", "auto", "cpu", minutes=120)[0] == size
+    # but not below 128 pixels on the longer side, nor an image's own size
+    tiny, why = plan_size(fp, "auto", "auto", "cpu", minutes=0.5)
+    assert tiny == [80, 128] and "no smaller than 128 pixels on the longer side" in why
+    small.n_training = 1000
+    assert plan_size(small, "auto", "auto", "cpu", minutes=0.5)[0] == [48, 64]
 
 
 def test_batch_size_fills_the_device_budget_with_small_steps_on_a_cpu():
