@@ -18,10 +18,12 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -146,6 +148,9 @@ class SegmentationReport:
         num_classes: classes including background.
         class_names: one name per class; defaults to :func:`default_class_names`.
         output_transform: maps ``engine.state.output`` to a list of dicts with ``pred`` and ``label``.
+        predictions_dir: also keep each image's prediction and mask there (class-index maps at original
+            size, ``<n>.npz``), as a cross-validation fold's evaluation does for choosing post-processing
+            (:mod:`monai_unet_bundle.postprocess_search`); ``None`` keeps none.
     """
 
     def __init__(
@@ -154,8 +159,10 @@ class SegmentationReport:
         num_classes: int,
         class_names: Sequence[str] | None = None,
         output_transform: Callable[[Any], list[dict]] = lambda output: output,
+        predictions_dir: str | Path | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.predictions_dir = Path(predictions_dir) if predictions_dir else None
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else default_class_names(self.num_classes)
         if len(self.class_names) != self.num_classes:
@@ -194,14 +201,27 @@ class SegmentationReport:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def reset(self, engine: Engine | None = None) -> None:
-        """Forget what earlier runs collected."""
+        """Forget what earlier runs collected (and the predictions an earlier evaluation kept)."""
         self.rows = []
+        if self.predictions_dir is not None and self.predictions_dir.is_dir():
+            rank = idist.get_rank()
+            for old in self.predictions_dir.glob("*.npz"):
+                found = re.fullmatch(r"r(\d+)_\d{5}\.npz", old.name)  # only the files write_predictions names
+                if found and (int(found.group(1)) == rank or (rank == 0 and int(found.group(1)) >= idist.get_world_size())):
+                    old.unlink()
 
     def collect(self, engine: Engine) -> None:
-        """Add one confusion matrix per image of the current batch."""
+        """Add one confusion matrix per image of the current batch (and keep the maps when asked)."""
         for item in self.output_transform(engine.state.output):
-            cm = confusion_matrix(_to_index(item["pred"]), _to_index(item["label"]), self.num_classes)
-            self.rows.append((item_source(item, ("image", "label")), cm))
+            pred, label = _to_index(item["pred"]), _to_index(item["label"])
+            cm = confusion_matrix(pred, label, self.num_classes)
+            name = item_source(item, ("image", "label"))
+            if self.predictions_dir is not None:
+                from monai_unet_bundle.postprocess_search import write_predictions
+
+                write_predictions(self.predictions_dir, f"r{idist.get_rank()}_{len(self.rows):05d}", name,
+                                  np.asarray(pred.cpu()), np.asarray(label.cpu()))
+            self.rows.append((name, cm))
 
     def summary(self) -> dict[str, Any]:
         """Means over images and data-set-level scores of everything collected."""

@@ -9,7 +9,9 @@ For each fold k (all of them, or ``--folds``), one after another:
    ``eval/fold_k``;
 
 then ``eval/cross_validation.json`` and ``.csv`` hold every fold's Dice, IoU, precision and recall per class,
-their mean ± sd, and the pooled out-of-fold scores (:mod:`monai_unet_bundle.crossval`).  Every argument after
+their mean ± sd, and the pooled out-of-fold scores (:mod:`monai_unet_bundle.crossval`); and post-processing is
+chosen per class on the out-of-fold predictions (:mod:`monai_unet_bundle.postprocess_search`), written to
+``eval/postprocessing.json`` and into every fold's ``plan.json``, which inference applies.  Every argument after
 ``--`` goes to both commands, e.g.:
 
     python scripts/cross_validate.py --num_folds 5 --bundle_root runs/cv -- --dataset_dir /data/xray \\
@@ -32,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from monai_unet_bundle.checkpoints import run_finished  # noqa: E402
 from monai_unet_bundle.crossval import summarise_folds, write_cross_validation  # noqa: E402
+from monai_unet_bundle.postprocess_search import choose_for_cross_validation  # noqa: E402
 
 
 def _configs(*names: str) -> str:
@@ -97,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     dice = oof["mean_dice_over_images"]
     print(f"out of fold: {oof['images']} images, mean foreground Dice {'-' if dice is None else f'{dice:.4f}'} over images; "
           f"written to {', '.join(str(p) for p in paths)}")
+    chosen = choose_for_cross_validation(root, args.num_folds)
+    if chosen is not None:
+        print(f"post-processing chosen out of fold: {chosen['description']} (mean foreground Dice "
+              f"{chosen['mean_dice_before']:.4f} -> {chosen['mean_dice_after']:.4f}); written to "
+              f"{root / 'eval' / 'postprocessing.json'} and every fold's plan.json, which inference applies")
     return 0
 
 

@@ -138,6 +138,13 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     assert [(r["fold"], r["class"]) for r in rows][::2] == [("0", "background"), ("1", "background"), ("mean", "background"),
                                                             ("sd", "background"), ("out_of_fold", "background")]
     assert "out of fold: 8 images" in proc.stdout
+    # every held-out prediction is kept at original size, and post-processing is chosen on them and stored with each fold
+    kept = sorted((tmp_path / "cv" / "eval").glob("fold_*/oof/*.npz"))
+    assert len(kept) == 8 and np.load(kept[0])["pred"].shape == (48, 40)  # as MONAI reads a PNG: width first
+    chosen = json.loads((tmp_path / "cv" / "eval" / "postprocessing.json").read_text())
+    assert chosen["images"] == 8 and chosen["trials"] and "post-processing chosen out of fold" in proc.stdout
+    for k in (0, 1):
+        assert json.loads((tmp_path / "cv" / "models" / f"fold_{k}" / "plan.json").read_text())["postprocessing"] == chosen["choice"]
     # run again: finished folds are not trained again (resume), and the summary is the same
     model = tmp_path / "cv" / "models" / "fold_1" / "model.pt"
     written = model.stat().st_mtime_ns
@@ -164,6 +171,22 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     assert "ensembling 2 models: cv/models/fold_0/model.pt, cv/models/fold_1/model.pt" in logs["ensemble"]
     assert "ensembling" not in logs["fold_0"]
     assert np.abs(probs["ensemble"] - (probs["fold_0"] + probs["fold_1"]) / 2).max() <= 1.0  # 8-bit rounding
+    # a post-processing choice in the folds' plans is applied while the settings are auto; the user's own setting wins
+    for k in (0, 1):
+        plan_file = tmp_path / "cv" / "models" / f"fold_{k}" / "plan.json"
+        plan = json.loads(plan_file.read_text())
+        plan["postprocessing"] = {"remove_smaller_than": [0, 100_000], "fill_holes": [], "keep_largest_component": []}
+        plan_file.write_text(json.dumps(plan))
+    raw = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "out_ensemble").glob("*.png")}
+    assert any(m.any() for m in raw.values())  # the raw ensemble draws some foreground
+    for label, extra in (("chosen", []), ("mine", ["--remove_smaller_than", "0"])):
+        proc = run_bundle("--config_file", config("inference.json"), "--ckpt_path", "cv/models", "--input_dir", "new",
+                          "--output_dir", f"out_{label}", "--num_workers", "0", *extra, cwd=tmp_path)
+        masks = {n: np.asarray(Image.open(tmp_path / f"out_{label}" / n)) for n in raw}
+        if label == "chosen":  # every object is under 100000 pixels: all dropped
+            assert not any(m.any() for m in masks.values()) and "class 1: drop objects under 100000 px" in proc.stdout + proc.stderr
+        else:
+            assert all((masks[n] == m).all() for n, m in raw.items())
 
 
 def _fake_fold(folder: Path, dice: list, precision: list, rows: list[str], cm: list) -> Path:

@@ -97,7 +97,7 @@ def test_fill_holes_and_remove_small_objects():
     out = PostProcessd("pred", 2, keep_largest=True)({"pred": pred})["pred"]
     assert out.shape == (1, 6, 6) and out[0, 0, 0] == 0 and int(out.sum()) == 9
     assert PostProcessd("pred", 2)({"pred": pred})["pred"] is pred  # nothing chosen: untouched
-    with pytest.raises(BundleInputError, match="remove_smaller_than must be a whole number of pixels >= 0"):
+    with pytest.raises(BundleInputError, match="remove_smaller_than must be auto or a whole number of pixels >= 0"):
         PostProcessd("pred", 2, min_size=-3)
 
 
