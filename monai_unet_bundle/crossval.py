@@ -11,7 +11,9 @@ they predict every training pair once: :func:`summarise_folds` reads them and gi
   ``out_of_fold`` rows: Dice and IoU over pixels, unlike the per-fold rows' means over images), and
   the mean foreground Dice over all held-out images.
 
-:func:`write_cross_validation` writes them as ``cross_validation.json`` and ``cross_validation.csv``.
+:func:`write_cross_validation` writes them as ``cross_validation.json`` and ``cross_validation.csv``, and
+:func:`write_cross_validation_html` as ``cross_validation.html``, a page with every fold's training curves,
+the pooled confusion matrix and the worst out-of-fold images (:mod:`monai_unet_bundle.html_report`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.metrics import scores
 
-__all__ = ["METRICS", "summarise_folds", "write_cross_validation"]
+__all__ = ["METRICS", "summarise_folds", "write_cross_validation", "write_cross_validation_html"]
 
 #: per-class metrics of the summary, in column order
 METRICS = ("dice", "iou", "precision", "recall")
@@ -119,6 +121,7 @@ def summarise_folds(eval_dirs: Mapping[int, str | Path], num_folds: int | None =
             "images": len(per_image),
             "mean_dice_over_images": float(np.mean(finite)) if finite else None,
             "all_pixels": {k: _defined(pooled[k]) for k in (*METRICS, "mean_dice")},
+            "confusion_matrix": sum(matrices[1:], matrices[0]).tolist(),
         },
     }
 
@@ -144,3 +147,51 @@ def write_cross_validation(result: dict[str, Any], out_dir: str | Path) -> list[
             writer.writerow((label, name, *(_cell(values[m][c]) for m in METRICS)))
     atomic_write_text(csv_path, buffer.getvalue())
     return [json_path, csv_path]
+
+
+def _number_or(value: Any, default: float) -> float:
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def write_cross_validation_html(result: dict[str, Any], bundle_root: str | Path, num_worst: int = 8) -> Path:
+    """Write ``eval/cross_validation.html`` under ``bundle_root``: the summary's tables, the pooled confusion matrix,
+    every fold's training curves (``logs/fold_k/curves.csv``) and the worst out-of-fold images of all folds (from
+    each fold evaluation's ``worst.json``), worst first."""
+    from PIL import Image
+
+    from monai_unet_bundle.html_report import render_page
+
+    root = Path(bundle_root)
+    names = result["class_names"]
+    columns = ["fold", "class", "images", *METRICS]
+    rows: list[list[Any]] = []
+    for f in result["folds"]:
+        rows += [[str(f["fold"]), name, f["images"], *(f[m][c] for m in METRICS)] for c, name in enumerate(names)]
+    for label in ("mean", "sd"):
+        rows += [[label, name, "", *(result[label][m][c] for m in METRICS)] for c, name in enumerate(names)]
+    pooled = result["out_of_fold"]
+    rows += [["out of fold (pixels)", name, pooled["images"], *(pooled["all_pixels"][m][c] for m in METRICS)]
+             for c, name in enumerate(names)]
+    worst: list[dict[str, Any]] = []
+    for f in result["folds"]:
+        folder = root / "eval" / f"fold_{f['fold']}"
+        listed = json.loads((folder / "worst.json").read_text()) if (folder / "worst.json").is_file() else []
+        for w in listed:
+            if (folder / w["file"]).is_file():
+                strip = np.asarray(Image.open(folder / w["file"]).convert("RGB"))
+                worst.append({"name": f"fold {f['fold']}: {w['name']}", "dice": w["dice"], "strip": strip})
+    worst = sorted(worst, key=lambda w: _number_or(w["dice"], 1.0))[:num_worst]
+    matrix = pooled.get("confusion_matrix")
+    mean = result["mean"]["mean_dice"]
+    return render_page(
+        root / "eval" / "cross_validation.html",
+        f"Cross-validation, {result['num_folds']} folds",
+        [("Per fold and class (Dice and IoU: mean over images; precision and recall: all pixels)", columns, rows)],
+        (np.asarray(matrix), names) if matrix is not None else None,
+        {f"fold {f['fold']}": root / "logs" / f"fold_{f['fold']}" / "curves.csv" for f in result["folds"]},
+        worst,
+        notes=[f"{pooled['images']} out-of-fold images; mean foreground Dice over folds "
+               + ("n/a" if mean is None else f"{mean:.4f}")
+               + ("" if result["sd"]["mean_dice"] is None else f" ± {result['sd']['mean_dice']:.4f}")
+               + (f"; folds {result['missing']} not evaluated yet." if result["missing"] else ".")],
+    )

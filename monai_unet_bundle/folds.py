@@ -22,7 +22,7 @@ from typing import Any
 
 from monai_unet_bundle.errors import BundleInputError
 
-__all__ = ["assign_folds", "check_folds", "fold_folder", "split_fold"]
+__all__ = ["FoldDeal", "assign_folds", "check_folds", "fold_folder", "split_fold"]
 
 
 def check_folds(num_folds: Any, fold: Any) -> tuple[int, int] | None:
@@ -95,3 +95,42 @@ def split_fold(items: Sequence[dict[str, str]], folds: Mapping[str, int], fold: 
     training = [d for d in items if folds[d["image"]] != fold]
     validation = [d for d in items if folds[d["image"]] == fold]
     return training, validation
+
+
+class FoldDeal:
+    """The fold deal a run trains on, kept in its resume checkpoint so that a resume under another deal is refused.
+
+    A fold resumed with another ``seed``, ``group_pattern``, data or ``num_folds`` would go on training
+    on pairs it held out before, and its out-of-fold scores would no longer be out of fold.
+
+    Args:
+        deal: the plan's ``folds`` entry (``num_folds``, ``fold``, ``seed`` and the digest of the deal),
+            or ``None`` for a run without folds.
+    """
+
+    def __init__(self, deal: Mapping[str, Any] | None) -> None:
+        self.deal = dict(deal) if deal else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The deal, for the resume checkpoint."""
+        return {"deal": self.deal}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint trained under another deal.
+
+        Raises:
+            BundleInputError: naming both deals and what to do.
+        """
+        saved = state.get("deal")
+        if saved == self.deal:
+            return
+
+        def describe(deal: Mapping[str, Any] | None) -> str:
+            return "without folds" if not deal else f"fold {deal.get('fold')} of {deal.get('num_folds')} (seed {deal.get('seed')})"
+
+        raise BundleInputError(
+            f"the resume checkpoint was trained {describe(saved)} but these settings deal the pairs as {describe(self.deal)}"
+            f"{' differently' if describe(saved) == describe(self.deal) else ''}, so the model would go on training on pairs "
+            f"it held out: pass the --num_folds, --fold, --seed and --group_pattern it was trained with, on the same data, "
+            f"or --resume false to train this fold afresh."
+        )

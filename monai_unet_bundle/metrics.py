@@ -36,7 +36,7 @@ __all__ = ["SegmentationReport", "confusion_matrix", "default_class_names", "sco
 logger = logging.getLogger(__name__)
 
 #: the files an evaluation writes into its ``output_dir``
-REPORT_FILES = ("metrics_per_image.csv", "metrics_summary.json", "metrics_report.md")
+REPORT_FILES = ("metrics_per_image.csv", "metrics_summary.json", "metrics_report.md", "report.html", "worst.json")
 #: the mark by which ``metrics_summary.json`` is known to be an evaluation's own
 WRITTEN_BY = "monai_unet_bundle evaluation"
 
@@ -151,6 +151,8 @@ class SegmentationReport:
         predictions_dir: also keep each image's prediction and mask there (class-index maps at original
             size, ``<n>.npz``), as a cross-validation fold's evaluation does for choosing post-processing
             (:mod:`monai_unet_bundle.postprocess_search`); ``None`` keeps none.
+        curves: the ``curves.csv`` of the model's training, drawn in ``report.html`` (``None``: no curves).
+        num_worst: how many of the worst-scoring images ``report.html`` shows (and ``worst/`` keeps as PNG).
     """
 
     def __init__(
@@ -160,9 +162,14 @@ class SegmentationReport:
         class_names: Sequence[str] | None = None,
         output_transform: Callable[[Any], list[dict]] = lambda output: output,
         predictions_dir: str | Path | None = None,
+        curves: str | Path | None = None,
+        num_worst: int = 8,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.predictions_dir = Path(predictions_dir) if predictions_dir else None
+        self.curves = Path(curves) if curves else None
+        self.num_worst = int(num_worst)
+        self.worst: list[dict[str, Any]] = []
         self.num_classes = int(num_classes)
         self.class_names = list(class_names) if class_names else default_class_names(self.num_classes)
         if len(self.class_names) != self.num_classes:
@@ -202,7 +209,7 @@ class SegmentationReport:
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget what earlier runs collected (and the predictions an earlier evaluation kept)."""
-        self.rows = []
+        self.rows, self.worst = [], []
         if self.predictions_dir is not None and self.predictions_dir.is_dir():
             rank = idist.get_rank()
             for old in self.predictions_dir.glob("*.npz"):
@@ -222,6 +229,26 @@ class SegmentationReport:
                 write_predictions(self.predictions_dir, f"r{idist.get_rank()}_{len(self.rows):05d}", name,
                                   np.asarray(pred.cpu()), np.asarray(label.cpu()))
             self.rows.append((name, cm))
+            self._keep_if_worst(name, scores(cm)["mean_dice"], item, pred, label)
+
+    def _keep_if_worst(self, name: str, dice: float, item: dict, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """Keep a picture of the image while it is among the ``num_worst`` lowest mean Dice (an undefined Dice counts as 1)."""
+        rank = 1.0 if math.isnan(dice) else dice
+        if self.num_worst <= 0 or "image" not in item or (len(self.worst) >= self.num_worst and rank >= self.worst[-1]["rank"]):
+            return
+        from monai_unet_bundle.curves import preview_strip
+        from monai_unet_bundle.html_report import thumbnail
+
+        image = torch.as_tensor(item["image"]).detach().cpu().float()
+        if image.ndim != pred.ndim + 1:  # not a channel-first image of the mask's dimensions: nothing to draw
+            return
+        if image.shape[1:] != pred.shape:  # the network's input size: drawn at the prediction's (original) size
+            image = torch.nn.functional.interpolate(image[None], size=tuple(pred.shape), mode="bilinear", align_corners=False)[0]
+        low, high = float(image.min()), float(image.max())
+        image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+        strip = thumbnail(preview_strip(image, label[None].cpu(), pred[None].cpu()))
+        self.worst.append({"name": name, "dice": dice, "rank": rank, "strip": strip})
+        self.worst = sorted(self.worst, key=lambda w: w["rank"])[: self.num_worst]
 
     def summary(self) -> dict[str, Any]:
         """Means over images and data-set-level scores of everything collected."""
@@ -259,11 +286,43 @@ class SegmentationReport:
         summary = self.summary()
         (self.output_dir / "metrics_summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
         (self.output_dir / "metrics_report.md").write_text(self.markdown(summary))
+        self.write_html(summary)
         logger.info(
             "evaluation of %d images: mean foreground Dice %s (mean over images), written to %s",
             summary["images"], _fmt(summary["mean_over_images"]["mean_dice"]), self.output_dir,
         )
         return summary
+
+    def write_html(self, summary: dict[str, Any]) -> Path:
+        """Write ``report.html`` (see :mod:`monai_unet_bundle.html_report`) and the worst images as ``worst/NN.png``."""
+        from PIL import Image
+
+        from monai_unet_bundle.html_report import render_page
+
+        folder = self.output_dir / "worst"
+        if folder.is_dir():
+            for old in folder.glob("[0-9][0-9].png"):
+                old.unlink()
+        kept = []
+        for i, w in enumerate(self.worst):
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(w["strip"]).save(folder / f"{i:02d}.png")
+            kept.append({"name": w["name"], "dice": None if math.isnan(w["dice"]) else w["dice"], "file": f"worst/{i:02d}.png"})
+        (self.output_dir / "worst.json").write_text(json.dumps(kept, indent=2) + "\n")
+        s, m = summary["all_pixels"], summary["mean_over_images"]
+        rows = [[name, m["dice"][c], m["iou"][c], s["precision"][c], s["recall"][c], s["support"][c]]
+                for c, name in enumerate(self.class_names)]
+        return render_page(
+            self.output_dir / "report.html",
+            "Segmentation report",
+            [("Per class", ["class", "Dice (mean over images)", "IoU (mean over images)", "precision (all pixels)",
+                            "recall (all pixels)", "support (pixels)"], rows)],
+            (np.asarray(summary["confusion_matrix"]), self.class_names),
+            {"training": self.curves} if self.curves else {},
+            self.worst,
+            notes=[f"{summary['images']} images; mean foreground Dice over images {_fmt(m['mean_dice'])}, "
+                   f"mean foreground IoU {_fmt(m['mean_iou'])}."],
+        )
 
     def markdown(self, summary: dict[str, Any]) -> str:
         """The report as Markdown tables."""

@@ -8,7 +8,8 @@ For each fold k (all of them, or ``--folds``), one after another:
 2. ``configs/evaluate.json`` with the same settings scores the fold's held-out pairs at original size into
    ``eval/fold_k``;
 
-then ``eval/cross_validation.json`` and ``.csv`` hold every fold's Dice, IoU, precision and recall per class,
+then ``eval/cross_validation.json``, ``.csv`` and ``.html`` (a page with the curves, the confusion matrix and the worst
+out-of-fold images) hold every fold's Dice, IoU, precision and recall per class,
 their mean ± sd, and the pooled out-of-fold scores (:mod:`monai_unet_bundle.crossval`); and post-processing is
 chosen per class on the out-of-fold predictions (:mod:`monai_unet_bundle.postprocess_search`), written to
 ``eval/postprocessing.json`` and into every fold's ``plan.json``, which inference applies.  Every argument after
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from monai_unet_bundle.checkpoints import run_finished  # noqa: E402
-from monai_unet_bundle.crossval import summarise_folds, write_cross_validation  # noqa: E402
+from monai_unet_bundle.crossval import summarise_folds, write_cross_validation, write_cross_validation_html  # noqa: E402
 from monai_unet_bundle.postprocess_search import choose_for_cross_validation  # noqa: E402
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                  if (root / "eval" / f"fold_{k}" / "metrics_summary.json").is_file()}
     result = summarise_folds(evaluated, args.num_folds)
     paths = write_cross_validation(result, root / "eval")
+    paths.append(write_cross_validation_html(result, root))
     if result["missing"]:
         print(f"folds {result['missing']} of {args.num_folds} are not evaluated yet: the summary holds the others", flush=True)
     mean, sd = result["mean"], result["sd"]

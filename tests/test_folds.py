@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.folds import assign_folds, check_folds, fold_folder, split_fold
+from monai_unet_bundle.folds import FoldDeal, assign_folds, check_folds, fold_folder, split_fold
 from tests.conftest import config, run_bundle
 
 
@@ -63,6 +63,17 @@ def test_fold_settings_are_checked():
         assign_folds(_items(patients=3, per_patient=4), 5)
 
 
+def test_a_resume_under_another_deal_is_refused():
+    deal = {"num_folds": 5, "fold": 2, "seed": 0, "deal": "abc"}
+    FoldDeal(deal).load_state_dict(FoldDeal(dict(deal)).state_dict())  # the same deal: resumes
+    FoldDeal(None).load_state_dict(FoldDeal(None).state_dict())
+    with pytest.raises(BundleInputError, match=r"trained fold 2 of 5 \(seed 0\) but these settings deal the pairs as fold 2 of 5 "
+                                               r"\(seed 0\) differently, so the model would go on training on pairs it held out"):
+        FoldDeal({**deal, "deal": "xyz"}).load_state_dict(FoldDeal(deal).state_dict())  # other data or groups
+    with pytest.raises(BundleInputError, match=r"trained without folds but these settings deal the pairs as fold 2 of 5"):
+        FoldDeal(deal).load_state_dict(FoldDeal(None).state_dict())
+
+
 def _grouped_set(root: Path, patients: int = 6, per_patient: int = 2) -> Path:
     """Grayscale 40x48 images named P<patient>_<k>.png with 0/255 masks."""
     rng = np.random.default_rng(0)
@@ -103,6 +114,10 @@ def test_a_fold_trains_into_its_own_folder_and_evaluates_on_its_held_out_patient
     # the same model evaluated under another deal (another seed) would score pairs it trained on: refused
     proc = run_bundle("--config_file", config("train.json", "evaluate.json"), *common, "--seed", "5", expect_rc=2)
     assert "so it would be scored on pairs it trained on: pass the --num_folds, --fold, --seed" in proc.stderr
+    # continuing the fold's training under another deal would train on pairs it held out: refused
+    proc = run_bundle("--config_file", config("train.json"), *common, "--max_epochs", "2", "--spatial_size", "[32,32]",
+                      "--seed", "5", "--resume", "true", expect_rc=2)
+    assert "the resume checkpoint was trained fold 1 of 3 (seed 0) but these settings deal the pairs as fold 1 of 3 (seed 5)" in proc.stderr
     proc = run_bundle("--config_file", config("train.json"), *common[:-6], "--num_folds", "3", "--fold", "3", expect_rc=2)
     assert "fold is 3, but it must be a whole number from 0 to num_folds - 1" in proc.stderr
 
@@ -138,6 +153,8 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     assert [(r["fold"], r["class"]) for r in rows][::2] == [("0", "background"), ("1", "background"), ("mean", "background"),
                                                             ("sd", "background"), ("out_of_fold", "background")]
     assert "out of fold: 8 images" in proc.stdout
+    page = (tmp_path / "cv" / "eval" / "cross_validation.html").read_text()
+    assert page.count("<polyline") == 4 and "<figcaption>fold " in page  # both folds' curves, their worst images
     # every held-out prediction is kept at original size, and post-processing is chosen on them and stored with each fold
     kept = sorted((tmp_path / "cv" / "eval").glob("fold_*/oof/*.npz"))
     assert len(kept) == 8 and np.load(kept[0])["pred"].shape == (48, 40)  # as MONAI reads a PNG: width first
