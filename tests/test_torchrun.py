@@ -252,3 +252,24 @@ def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
     assert ranks == [0, 1]
     assert (tmp_path / "models" / "model.pt").is_file() and curve_epochs(tmp_path / "logs") == [1]
     assert len(event_file_pids(tmp_path / "logs")) == 1
+
+
+def test_a_fold_trains_and_evaluates_under_torchrun_on_the_pairs_a_single_process_deals(data_dir: Path, tmp_path: Path):
+    """Fold 1 of 3 under torchrun: its own folder, the same deal as one process (whose evaluation accepts the model),
+    and a two-rank evaluation that keeps every held-out prediction once."""
+    from monai_unet_bundle.postprocess_search import read_predictions
+
+    folds = ["--num_folds", "3", "--fold", "1", "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir)]
+    torchrun(*TRAIN, *folds, "--max_epochs", "1")
+    assert (tmp_path / "models" / "fold_1" / "model.pt").is_file() and not (tmp_path / "models" / "model.pt").exists()
+    report = json.loads((tmp_path / "logs" / "fold_1" / "data_check.json").read_text())
+    held_out = sorted(Path(i).name for i, f in report["folds"]["assignment"].items() if f == 1)
+    assert len(held_out) == 4
+    # one process deals the pairs the same way: its evaluation accepts the model and scores exactly the held-out pairs
+    run_bundle("--config_file", config("train.json", "evaluate.json"), *DATA, *folds, "--output_dir", str(tmp_path / "one"))
+    rows = list(csv.DictReader(open(tmp_path / "one" / "metrics_per_image.csv")))
+    assert sorted(Path(r["filename"]).name for r in rows) == held_out
+    torchrun(*EVALUATE, *folds, "--output_dir", str(tmp_path / "two"))
+    kept = read_predictions([tmp_path / "two" / "oof"])
+    assert sorted(Path(name).name for name, _, _ in kept) == held_out
+    assert (tmp_path / "two" / "report.html").is_file()
