@@ -22,6 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import is_auto
 
 __all__ = ["EarlyStopping", "resolve_patience"]
 
@@ -37,7 +38,7 @@ def resolve_patience(patience: int | str, time_budget_minutes: float | None = No
     Raises:
         BundleInputError: for anything but ``auto`` or a whole number >= 0.
     """
-    if isinstance(patience, str) and patience.strip().lower() == "auto":
+    if is_auto(patience):
         return 0 if time_budget_minutes is not None else DEFAULT_PATIENCE
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
         raise BundleInputError(

@@ -45,6 +45,7 @@ from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.metrics import default_class_names
 from monai_unet_bundle.networks import TOTAL_STRIDE, check_spatial_size
+from monai_unet_bundle.settings import is_auto
 from monai_unet_bundle.transforms import mode_channels
 
 __all__ = [
@@ -88,11 +89,6 @@ MAX_PLANNED_CLASSES = 32
 RARE_CLASS_SHARE = 0.01
 #: the sizes the plan never goes below (the U-Net's stride times two)
 MIN_SIDE = 2 * TOTAL_STRIDE
-
-
-def is_auto(value: Any) -> bool:
-    """Whether a setting is left to the plan (``"auto"`` in any case)."""
-    return isinstance(value, str) and value.strip().lower() == AUTO
 
 
 def mask_histogram(raw: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

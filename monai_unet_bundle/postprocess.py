@@ -20,7 +20,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from monai_unet_bundle.errors import BundleInputError
-from monai_unet_bundle.settings import auto_flag
+from monai_unet_bundle.settings import auto_flag, is_auto
 
 __all__ = [
     "ClassIndexd", "PostProcessd", "apply_choice", "class_index", "describe_choice", "fill_holes", "keep_largest_component",
@@ -157,7 +157,7 @@ class PostProcessd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        auto_size = isinstance(min_size, str) and min_size.strip().lower() == "auto"
+        auto_size = is_auto(min_size)
         if not auto_size and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0):
             raise BundleInputError(f"remove_smaller_than must be auto or a whole number of pixels >= 0, got {min_size!r}.")
         self.num_classes = num_classes

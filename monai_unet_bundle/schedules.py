@@ -18,6 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.settings import is_auto
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "LrScheduleStepper", "build_optimizer", "build_scheduler", "poly_factor"]
 
@@ -46,7 +47,7 @@ def build_optimizer(name: str, params, lr: float | str, weight_decay: float = 3e
     Raises:
         BundleInputError: for a name not in :data:`OPTIMIZERS`.
     """
-    if isinstance(lr, str) and lr.strip().lower() == "auto" and name in DEFAULT_RATES:
+    if is_auto(lr) and name in DEFAULT_RATES:
         lr = DEFAULT_RATES[name]
         logger.info("learning rate (auto for %s): %g", name, lr)
     if name == "adam":

@@ -25,7 +25,7 @@ import torch
 
 from monai_unet_bundle.errors import BundleInputError, install_excepthook
 
-__all__ = ["SETTINGS", "auto_flag", "check_settings", "flag"]
+__all__ = ["SETTINGS", "auto_flag", "check_settings", "flag", "is_auto"]
 
 _TRUE, _FALSE = ("true",), ("false",)
 
@@ -116,23 +116,24 @@ def _choice(*choices: str) -> Check:
     return check
 
 
-def _is_auto(value: Any) -> bool:
+def is_auto(value: Any) -> bool:
+    """Whether a setting is left to the plan or the bundle (``"auto"`` in any case)."""
     return isinstance(value, str) and value.strip().lower() == "auto"
 
 
 def _num_classes(value: Any, _: Mapping[str, Any]) -> str | None:
-    if _is_auto(value) or (_is_int(value) and value >= 2):
+    if is_auto(value) or (_is_int(value) and value >= 2):
         return None
     return "auto (read from the masks) or a whole number of at least 2 (classes including background; 2 = binary)"
 
 
 def _in_channels(value: Any, _: Mapping[str, Any]) -> str | None:
-    return None if _is_auto(value) or (_is_int(value) and value in (1, 3)) else "auto (from the images), 1 (grayscale) or 3 (RGB)"
+    return None if is_auto(value) or (_is_int(value) and value in (1, 3)) else "auto (from the images), 1 (grayscale) or 3 (RGB)"
 
 
 def _auto_or_integer(minimum: int) -> Check:
     def check(value: Any, _: Mapping[str, Any]) -> str | None:
-        return None if _is_auto(value) or (_is_int(value) and value >= minimum) else f"auto or a whole number of at least {minimum}"
+        return None if is_auto(value) or (_is_int(value) and value >= minimum) else f"auto or a whole number of at least {minimum}"
 
     return check
 
@@ -144,7 +145,7 @@ def _workers(value: Any, _: Mapping[str, Any]) -> str | None:
 def _spatial_size(value: Any, _: Mapping[str, Any]) -> str | None:
     from monai_unet_bundle.networks import check_spatial_size
 
-    if _is_auto(value):
+    if is_auto(value):
         return None
     check_spatial_size(value)  # its own sentence names the nearest valid size
     return None
@@ -152,7 +153,7 @@ def _spatial_size(value: Any, _: Mapping[str, Any]) -> str | None:
 
 def _class_names(value: Any, values: Mapping[str, Any]) -> str | None:
     k = values.get("num_classes")
-    if _is_auto(value):
+    if is_auto(value):
         return None
     ok = isinstance(value, (list, tuple)) and all(isinstance(n, str) and n.strip() for n in value)
     ok = ok and len({str(n).strip().lower() for n in value}) == len(value)
@@ -275,7 +276,7 @@ SETTINGS: dict[str, Check] = {
     # training
     "max_epochs": _integer(1),
     "batch_size": _auto_or_integer(1),
-    "learning_rate": lambda value, _: None if _is_auto(value) or (_is_number(value) and value > 0) else "auto or a number above 0",
+    "learning_rate": lambda value, _: None if is_auto(value) or (_is_number(value) and value > 0) else "auto or a number above 0",
     "lr_schedule": _choice("cosine", "plateau", "step", "constant", "poly"),
     "optimizer_name": _choice("adam", "sgd"),
     "augmentation": _choice("none", "light", "default", "heavy"),
