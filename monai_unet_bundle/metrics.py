@@ -18,12 +18,10 @@ import csv
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -210,12 +208,10 @@ class SegmentationReport:
     def reset(self, engine: Engine | None = None) -> None:
         """Forget what earlier runs collected (and the predictions an earlier evaluation kept)."""
         self.rows, self.worst = [], []
-        if self.predictions_dir is not None and self.predictions_dir.is_dir():
-            rank = idist.get_rank()
-            for old in self.predictions_dir.glob("*.npz"):
-                found = re.fullmatch(r"r(\d+)_\d{5}\.npz", old.name)  # only the files write_predictions names
-                if found and (int(found.group(1)) == rank or (rank == 0 and int(found.group(1)) >= idist.get_world_size())):
-                    old.unlink()
+        if self.predictions_dir is not None:
+            from monai_unet_bundle.postprocess_search import clear_predictions
+
+            clear_predictions(self.predictions_dir)
 
     def collect(self, engine: Engine) -> None:
         """Add one confusion matrix per image of the current batch (and keep the maps when asked)."""
@@ -226,8 +222,7 @@ class SegmentationReport:
             if self.predictions_dir is not None:
                 from monai_unet_bundle.postprocess_search import write_predictions
 
-                write_predictions(self.predictions_dir, f"r{idist.get_rank()}_{len(self.rows):05d}", name,
-                                  np.asarray(pred.cpu()), np.asarray(label.cpu()))
+                write_predictions(self.predictions_dir, len(self.rows), name, np.asarray(pred.cpu()), np.asarray(label.cpu()))
             self.rows.append((name, cm))
             self._keep_if_worst(name, scores(cm)["mean_dice"], item, pred, label)
 

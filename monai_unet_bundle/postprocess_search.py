@@ -13,19 +13,25 @@ and into every fold's ``plan.json``, from where inference applies it while its
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 from scipy import ndimage
 
 from monai_unet_bundle.metrics import confusion_matrix, scores
 from monai_unet_bundle.postprocess import EIGHT_NEIGHBOURS, apply_choice, describe_choice
 
-__all__ = ["choose_postprocessing", "class_dice", "read_predictions", "size_candidates", "write_predictions"]
+__all__ = [
+    "choose_for_cross_validation", "choose_postprocessing", "class_dice", "clear_predictions", "read_predictions",
+    "size_candidates", "write_predictions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +43,31 @@ TOLERANCE = 1e-9
 SIZE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
-def write_predictions(folder: str | Path, stem: str, name: str, pred: np.ndarray, label: np.ndarray) -> Path:
-    """Keep one held-out prediction and its mask (class-index maps at original size, in the array order the reader
-    gives, e.g. width first for PNG, as inference post-processes them) as ``<stem>.npz``."""
+#: the files :func:`write_predictions` names: ``r<rank>_<index>.npz``, so that ranks of a distributed evaluation never collide
+_PREDICTION_FILE = re.compile(r"r(\d+)_\d{5}\.npz")
+
+
+def write_predictions(folder: str | Path, index: int, name: str, pred: np.ndarray, label: np.ndarray) -> Path:
+    """Keep this rank's ``index``-th held-out prediction and its mask (class-index maps at original size, in the array
+    order the reader gives, e.g. width first for PNG, as inference post-processes them) as ``r<rank>_<index>.npz``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = np.uint8 if max(int(pred.max(initial=0)), int(label.max(initial=0))) < 256 else np.uint16
-    path = folder / f"{stem}.npz"
+    path = folder / f"r{idist.get_rank()}_{index:05d}.npz"
     np.savez_compressed(path, pred=pred.astype(dtype), label=label.astype(dtype), name=np.array(name))
     return path
+
+
+def clear_predictions(folder: str | Path) -> None:
+    """Delete the predictions an earlier evaluation of this rank kept in ``folder`` (rank 0 also those of ranks
+    beyond the world size); no other file is touched."""
+    if not Path(folder).is_dir():
+        return
+    rank, world = idist.get_rank(), idist.get_world_size()
+    for old in Path(folder).glob("*.npz"):
+        found = _PREDICTION_FILE.fullmatch(old.name)
+        if found and (int(found.group(1)) == rank or (rank == 0 and int(found.group(1)) >= world)):
+            old.unlink()
 
 
 def read_predictions(folders: Iterable[str | Path]) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -113,7 +135,7 @@ def choose_postprocessing(
         for step in ("remove_smaller_than", "fill_holes", "keep_largest_component"):
             winner: tuple[dict[str, Any], np.ndarray] | None = None
             for name, value in (o for o in options if o[0] == step):
-                trial = json.loads(json.dumps(choice))
+                trial = copy.deepcopy(choice)
                 if name == "remove_smaller_than":
                     trial[name][c] = value
                 else:

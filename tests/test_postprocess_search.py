@@ -89,10 +89,10 @@ def test_cross_validation_stores_the_choice_beside_every_fold_model(tmp_path):
         (tmp_path / "models" / f"fold_{k}").mkdir(parents=True)
         (tmp_path / "models" / f"fold_{k}" / "plan.json").write_text(json.dumps({"num_classes": 3, "fold": k}))
     for i, (name, pred, truth) in enumerate(items[:2]):
-        write_predictions(tmp_path / "eval" / "fold_0" / "oof", f"r0_{i:05d}", name, pred, truth)
+        write_predictions(tmp_path / "eval" / "fold_0" / "oof", i, name, pred, truth)
     assert choose_for_cross_validation(tmp_path, 2) is None  # fold 1 not evaluated yet
     for i, (name, pred, truth) in enumerate(items[2:]):
-        write_predictions(tmp_path / "eval" / "fold_1" / "oof", f"r0_{i:05d}", name, pred, truth)
+        write_predictions(tmp_path / "eval" / "fold_1" / "oof", i, name, pred, truth)
     assert [n for n, _, _ in read_predictions([tmp_path / "eval" / f"fold_{k}" / "oof" for k in (0, 1)])] == [n for n, _, _ in items]
     result = choose_for_cross_validation(tmp_path, 2)
     assert result["images"] == 4 and result["choice"]["fill_holes"] == [2]
