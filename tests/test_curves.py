@@ -66,3 +66,51 @@ def test_previews_written_per_validation(tmp_path):
     picture = Image.open(tmp_path / "previews" / "epoch_0001.png")
     assert picture.size == (3 * 8 + 8, 2 * (6 + 4))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch, ticks: list[float]) -> list[float]:
+    """Make the curves module's clock read ``now[0]``; the test moves time by setting it."""
+    import monai_unet_bundle.curves as curves_module
+
+    monkeypatch.setattr(curves_module.time, "perf_counter", lambda: ticks[0])
+    return ticks
+
+
+def test_curves_png_is_redrawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatch):
+    now = _fake_clock(monkeypatch, [0.0])
+    drawn: list[int] = []
+    trainer = Engine(lambda e, b: {"loss": 1.0})
+    evaluator = Engine(lambda e, b: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_mean_dice=0.5))
+    curves = TrainingCurves(tmp_path, evaluator=evaluator, plot_every_seconds=30)
+    monkeypatch.setattr(curves, "_plot", lambda columns: drawn.append(len(curves.rows)))
+    curves.attach(trainer)
+
+    def validate(engine: Engine) -> None:
+        now[0] += 10.0  # every epoch takes 10 s
+        evaluator.run([0], max_epochs=engine.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    trainer.run([0], max_epochs=5)
+    # drawn at the first row, again once 30 s had passed (row 4), and at the end for row 5
+    assert drawn == [1, 4, 5]
+    assert list(csv.DictReader(open(tmp_path / "curves.csv")))[-1]["epoch"] == "5"  # the CSV follows every row
+
+
+def test_previews_are_throttled_and_the_last_is_written_when_training_ends(tmp_path, monkeypatch):
+    now = _fake_clock(monkeypatch, [0.0])
+    item = {"image": torch.rand(3, 8, 6), "label": torch.zeros(2, 8, 6), "pred": torch.zeros(2, 8, 6)}
+    evaluator = Engine(lambda e, b: [item])
+    previews = ValidationPreviews(tmp_path / "previews", num_images=1, every_seconds=30)
+    previews.attach(evaluator)
+    trainer = Engine(lambda e, b: None)
+    previews.write_last_when_done(trainer)
+
+    def validate(engine: Engine) -> None:
+        now[0] += 10.0
+        evaluator.run([0], max_epochs=engine.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    trainer.run([0], max_epochs=5)
+    names = sorted(p.name for p in (tmp_path / "previews").iterdir())
+    assert names == ["epoch_0001.png", "epoch_0004.png", "epoch_0005.png"]
