@@ -3,9 +3,9 @@
 :class:`TimeBudget` is a trainer handler (attached by the schedule stepper,
 :class:`~monai_unet_bundle.schedules.LrScheduleStepper`, whose rate it takes over).  It stops training once the budget is spent (checked after
 every iteration, so a long epoch does not overrun it), validates the weights it stopped at (so the
-best model saved is the best the budget allowed), and with the ``cosine`` schedule anneals the
-learning rate by *time* instead of by epoch: the rate follows the same cosine from the configured
-value down to 1% of it, reaching the bottom exactly when the budget runs out, however many epochs
+best model saved is the best the budget allowed), and with the ``cosine``, ``poly`` and ``flat_cosine``
+schedules anneals the learning rate by *time* instead of by epoch: the rate follows the same curve from
+the configured value down to 1% of it, reaching the bottom exactly when the budget runs out, however many epochs
 that turns out to be.  ``max_epochs`` and early stopping still end a run earlier when they come first.
 
 The time spent is part of the resume checkpoint, so a resumed run spends only what is left.  Under
@@ -16,7 +16,6 @@ same learning rate and stop at the same iteration.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +38,13 @@ class TimeBudget:
         minutes: the budget, or ``None`` for none (the handler then does nothing).
         optimizer: the optimizer whose learning rate is annealed (with ``anneal``).
         anneal: follow the schedule's curve (``shape``) from each group's initial rate to ``final_fraction``
-            of it over the budget (the bundle passes ``lr_schedule`` in cosine, poly); otherwise the
+            of it over the budget (the bundle passes ``lr_schedule`` in cosine, poly, flat_cosine); otherwise the
             schedule is left alone.
         validator: the validation engine, run once on the weights the budget stopped at.
         final_fraction: the rate at the end of the budget, as a fraction of the initial one.
-        shape: ``cosine`` (half a cosine) or ``poly`` (``(1 - t) ** 0.9``, nnU-Net's decay), over elapsed time.
+        shape: ``cosine`` (half a cosine), ``poly`` (``(1 - t) ** 0.9``, nnU-Net's decay) or ``flat_cosine`` (the
+            full rate for 75% of the budget, then half a cosine), over elapsed time (see
+            :func:`~monai_unet_bundle.schedules.curve_factor`).
         clock: seconds from some fixed point (``time.monotonic``; tests pass their own).
 
     Raises:
@@ -126,12 +127,9 @@ class TimeBudget:
 
     def learning_rate_factor(self, spent: float) -> float:
         """The curve's factor after ``spent`` seconds: 1 at the start, ``final_fraction`` at the end of the budget."""
-        progress = min(1.0, max(0.0, spent / self.seconds))
-        if self.shape == "poly":
-            from monai_unet_bundle.schedules import poly_factor
+        from monai_unet_bundle.schedules import curve_factor
 
-            return self.final_fraction + (1.0 - self.final_fraction) * poly_factor(progress)
-        return self.final_fraction + (1.0 - self.final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return curve_factor(self.shape, spent / self.seconds, self.final_fraction)
 
     def _set_lr(self, engine: Engine) -> None:
         factor = self.learning_rate_factor(self._shared_spent())

@@ -3,7 +3,10 @@
 ``cosine`` (default) decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
 by ten at the ``patience``-th validation in a row without a better score (5 by default: the 5th),
 then counts again from zero; ``step`` halves it every ``max(1, max_epochs // 4)`` epochs;
-``constant`` keeps it; ``poly`` follows ``(1 - epoch / max_epochs) ** 0.9`` (nnU-Net's decay).
+``constant`` keeps it; ``poly`` follows ``(1 - epoch / max_epochs) ** 0.9`` (nnU-Net's decay);
+``flat_cosine`` keeps the rate for the first :data:`FLAT_SHARE` of the run and follows a cosine to 1%
+over the rest (fastai's "flat cos"): a run cut short, as a CPU time budget cuts most runs, then
+spends most of its time at the full rate and still ends annealed.
 
 :func:`build_optimizer` builds the optimizer by name: ``adam`` (the default) or ``sgd`` (Nesterov
 momentum 0.99, as nnU-Net trains; give it a higher ``learning_rate`` such as 0.01).
@@ -12,6 +15,7 @@ momentum 0.99, as nnU-Net trains; give it a higher ``learning_rate`` such as 0.0
 from __future__ import annotations
 
 import logging
+import math
 
 import ignite.distributed as idist
 import torch
@@ -20,19 +24,41 @@ from ignite.engine import Engine, Events
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.settings import is_auto
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "LrScheduleStepper", "build_optimizer", "build_scheduler", "poly_factor"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "LrScheduleStepper", "build_optimizer", "build_scheduler", "curve_factor", "poly_factor"]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "plateau", "step", "constant", "poly")
+SCHEDULES = ("cosine", "plateau", "step", "constant", "poly", "flat_cosine")
 OPTIMIZERS = ("adam", "sgd")
 #: the exponent of the polynomial decay
 POLY_POWER = 0.9
+#: the share of a ``flat_cosine`` run spent at the full rate
+FLAT_SHARE = 0.75
+#: the schedules that follow a curve of the run's progress (by epoch, or by time under a budget)
+CURVES = ("cosine", "poly", "flat_cosine")
 
 
 def poly_factor(progress: float) -> float:
     """The polynomial decay's factor at ``progress`` (0 at the start, 1 at the end): ``(1 - progress) ** 0.9``."""
     return max(0.0, 1.0 - min(1.0, max(0.0, progress))) ** POLY_POWER
+
+
+def curve_factor(shape: str, progress: float, final_fraction: float = 0.01) -> float:
+    """The rate's factor at ``progress`` (0 at the start, 1 at the end) for a schedule of :data:`CURVES`:
+    1 at the start, ``final_fraction`` at the end.
+
+    Example:
+        >>> [round(curve_factor("flat_cosine", p), 3) for p in (0.0, 0.75, 0.875, 1.0)]
+        [1.0, 1.0, 0.505, 0.01]
+    """
+    progress = min(1.0, max(0.0, progress))
+    if shape == "poly":
+        return final_fraction + (1.0 - final_fraction) * poly_factor(progress)
+    if shape == "flat_cosine":
+        progress = max(0.0, progress - FLAT_SHARE) / (1.0 - FLAT_SHARE)
+    elif shape != "cosine":
+        raise BundleInputError(f"a learning-rate curve must be one of {', '.join(CURVES)}, got {shape!r}.")
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 #: the learning rate ``learning_rate: auto`` gives each optimizer
@@ -84,6 +110,9 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, max_epochs: int
     if name == "poly":
         total = max(1, int(max_epochs))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: max(poly_factor(epoch / total), 0.01))
+    if name == "flat_cosine":
+        total = max(1, int(max_epochs))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: curve_factor("flat_cosine", epoch / total))
     raise BundleInputError(f"lr_schedule {name!r} is not supported: use one of {', '.join(SCHEDULES)}.")
 
 

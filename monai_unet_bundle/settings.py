@@ -277,7 +277,7 @@ SETTINGS: dict[str, Check] = {
     "max_epochs": _integer(1),
     "batch_size": _auto_or_integer(1),
     "learning_rate": lambda value, _: None if is_auto(value) or (_is_number(value) and value > 0) else "auto or a number above 0",
-    "lr_schedule": _choice("cosine", "plateau", "step", "constant", "poly"),
+    "lr_schedule": _choice("cosine", "plateau", "step", "constant", "poly", "flat_cosine"),
     "optimizer_name": _choice("adam", "sgd"),
     "augmentation": _choice("none", "light", "default", "heavy"),
     "mirror": _boolean,

@@ -14,7 +14,7 @@ from monai_unet_bundle.augment import augmentations
 from monai_unet_bundle.budget import TimeBudget
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.losses import SegmentationLoss
-from monai_unet_bundle.schedules import build_optimizer, build_scheduler, poly_factor
+from monai_unet_bundle.schedules import build_optimizer, build_scheduler, curve_factor, poly_factor
 from tests.conftest import config, run_bundle
 
 
@@ -67,6 +67,25 @@ def test_poly_decay_sgd_and_batch_dice():
     batch = SegmentationLoss("dice", 2, batch_dice=True)(logits, labels)
     assert float(batch) < float(per_image)
     assert not math.isclose(float(batch), float(per_image), rel_tol=1e-3)
+
+
+def test_flat_cosine_holds_the_rate_for_three_quarters_then_anneals_by_epoch_and_by_time():
+    net = torch.nn.Conv2d(1, 2, 1)
+    adam = build_optimizer("adam", net.parameters(), 0.001)
+    schedule = build_scheduler("flat_cosine", adam, max_epochs=8)
+    rates = []
+    for _ in range(8):
+        rates.append(adam.param_groups[0]["lr"])
+        schedule.step()
+    assert rates[:7] == pytest.approx([0.001] * 7)  # epochs 0-6: progress up to 6/8 = 0.75, still flat
+    assert rates[7] == pytest.approx(0.001 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5))))  # 7/8: half way down
+    budget = TimeBudget(1.0, adam, shape="flat_cosine")
+    assert budget.learning_rate_factor(40) == 1.0  # 40 s of 60: flat
+    assert budget.learning_rate_factor(52.5) == pytest.approx(0.505)  # half way through the last quarter
+    assert budget.learning_rate_factor(60) == pytest.approx(0.01)
+    assert curve_factor("cosine", 0.5) == pytest.approx(0.505)
+    with pytest.raises(BundleInputError, match="must be one of cosine, poly, flat_cosine, got 'step'"):
+        curve_factor("step", 0.5)
 
 
 @pytest.mark.slow
