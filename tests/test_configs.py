@@ -105,3 +105,16 @@ def test_non_obvious_components_say_what_they_do(name: str, ids: list[str]):
             for part in key.split("#"):
                 node = node[part]
         assert isinstance(node, dict) and node.get("_desc_"), f"{name}: {key} has no _desc_"
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_evaluation_runs_images_through_inference_s_inferer_with_its_tta(tta: bool):
+    """evaluate.json scores what inference would write: the same inferer, flips averaged with --tta true."""
+    from monai_unet_bundle.inferers import SegmentationInferer
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser["plan"] = {"spatial_size": [32, 48]}
+    parser["tta"] = tta
+    inferer = parser.get_parsed_content("validate#inferer")
+    assert isinstance(inferer, SegmentationInferer) and inferer.tta is tta and inferer.window is None
