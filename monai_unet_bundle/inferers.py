@@ -13,7 +13,7 @@ import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from monai_unet_bundle.fusion import FusedCache
-from monai_unet_bundle.settings import flag
+from monai_unet_bundle.settings import flag, is_auto
 
 __all__ = ["SegmentationInferer"]
 
@@ -28,7 +28,9 @@ class SegmentationInferer(Inferer):
     Args:
         roi_size: window size for sliding-window inference (the training ``spatial_size``).
         sliding_window: use overlapping windows instead of one pass over the whole image.
-        tta: average over flips.
+        tta: average over flips: ``True``, ``False`` or ``"auto"``, which is ``mirrored``.
+        mirrored: whether the model was trained with mirroring (the plan's ``mirrored``): flips it
+            never saw would make ``auto`` average in worse predictions, so ``auto`` is off then.
         overlap: window overlap fraction.
         sw_batch_size: windows per forward pass.
         fuse_batch_norm: in evaluation mode, run a copy of the network with batch norm folded
@@ -39,13 +41,14 @@ class SegmentationInferer(Inferer):
         self,
         roi_size: Sequence[int] = (512, 512),
         sliding_window: bool = False,
-        tta: bool = False,
+        tta: bool | str = False,
         overlap: float = 0.25,
         sw_batch_size: int = 4,
         fuse_batch_norm: bool = True,
+        mirrored: bool = False,
     ) -> None:
         super().__init__()
-        self.tta = flag(tta, "tta")
+        self.tta = bool(mirrored) if is_auto(tta) else flag(tta, "tta")
         sliding_window = flag(sliding_window, "sliding_window")
         self.fused = FusedCache() if fuse_batch_norm else None
         self.window = (

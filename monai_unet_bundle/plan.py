@@ -331,6 +331,15 @@ def plan_class_weights(counts: np.ndarray, setting: Any, loss_name: str) -> tupl
 # ------------------------------------------------------------------------------------------------ the plan
 
 
+def mirrored(settings: Mapping[str, Any]) -> bool:
+    """Whether training flips the images (``augmentation`` other than ``none`` with ``mirror`` on): inference's
+    ``tta auto`` averages over flips only for such a model."""
+    from monai_unet_bundle.settings import flag
+
+    level, mirror = settings.get("augmentation", "light"), settings.get("mirror", True)
+    return level != "none" and flag(mirror, "mirror")
+
+
 def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | torch.device, to_index_factory: Any) -> dict[str, Any]:
     """Decide every ``auto`` setting from the fingerprint; the explicit ones are kept as given.
 
@@ -387,6 +396,7 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
         "normalization": normalization,
         "class_weights": weights,
         "training": "whole images resized to spatial_size",
+        "mirrored": mirrored(settings),
         "why": why,
         "data": {
             "images": int(sum(fp.modes.values())),

@@ -303,7 +303,7 @@ SETTINGS: dict[str, Check] = {
     "output_dir": _output_folder,
     "input_files": _input_files,
     "ckpt_path": _model_paths,
-    "tta": _boolean,
+    "tta": _auto_boolean,
     "sliding_window": _boolean,
     "keep_largest_component": _auto_boolean,
     "fill_holes": _auto_boolean,
@@ -336,7 +336,7 @@ def check_settings(**values: Any) -> dict[str, Any]:
             but it must be a whole number of at least 1: pass --batch_size with such a value.``
 
     Example:
-        >>> check_settings(tta="False", batch_size=4)["tta"]
+        >>> check_settings(sliding_window="False", batch_size=4)["sliding_window"]
         False
     """
     install_excepthook()

@@ -65,7 +65,7 @@ def test_several_problems_print_one_error_line_each():
     assert proc.returncode == EXIT_CODE
     assert proc.stderr.splitlines() == [
         "error: batch_size is 0, but it must be auto or a whole number of at least 1: pass --batch_size with such a value.",
-        "error: tta is 'maybe', but it must be true or false: pass --tta with such a value.",
+        "error: tta is 'maybe', but it must be auto, true or false: pass --tta with such a value.",
     ]
 
 

@@ -123,3 +123,15 @@ def test_sliding_window_covers_images_larger_than_the_window():
     x = torch.rand(1, 1, 40, 56)
     out = SegmentationInferer(roi_size=(16, 16), sliding_window=True)(x, _Symmetric())
     assert out.shape == (1, 2, 40, 56) and torch.allclose(out, _Symmetric()(x), atol=1e-5)
+
+
+def test_tta_auto_averages_over_flips_only_for_a_model_trained_with_them():
+    from monai_unet_bundle.plan import mirrored
+
+    assert SegmentationInferer(tta="auto", mirrored=True).tta is True
+    assert SegmentationInferer(tta="auto", mirrored=False).tta is False
+    assert SegmentationInferer(tta="true", mirrored=False).tta is True  # the user's word wins
+    assert SegmentationInferer(tta=False, mirrored=True).tta is False
+    assert mirrored({"augmentation": "light", "mirror": True}) is True
+    assert mirrored({"augmentation": "heavy", "mirror": "false"}) is False
+    assert mirrored({"augmentation": "none", "mirror": True}) is False
