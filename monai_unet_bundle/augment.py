@@ -36,7 +36,7 @@ from monai.transforms import (
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.settings import flag
 
-__all__ = ["LEVELS", "augmentations"]
+__all__ = ["LEVELS", "augmentations", "flips"]
 
 #: ``augmentation`` setting -> what it adds
 LEVELS = {
@@ -49,6 +49,17 @@ LEVELS = {
 _BOTH = ["image", "label"]
 
 
+def flips(level: str = "default", mirror: Any = True) -> bool:
+    """Whether :func:`augmentations` of ``level`` mirrors the images: every level but ``none``, unless ``mirror`` is off.
+
+    The plan keeps the answer (``mirrored``), so that inference's ``tta auto`` flips only for a model trained with flips.
+
+    Raises:
+        BundleInputError: for a ``mirror`` that is not true or false.
+    """
+    return level != "none" and flag(mirror, "mirror")
+
+
 def augmentations(level: str = "default", mirror: Any = True) -> list[Any]:
     """The random transforms of ``level`` for ``image``/``label`` dictionaries (see the module docstring).
 
@@ -57,11 +68,11 @@ def augmentations(level: str = "default", mirror: Any = True) -> list[Any]:
     """
     if level not in LEVELS:
         raise BundleInputError(f"augmentation must be one of {', '.join(LEVELS)}, got {level!r}.")
-    mirror = flag(mirror, "mirror")
+    mirrored = flips(level, mirror)
     if level == "none":
         return []
     transforms: list[Any] = []
-    if mirror:
+    if mirrored:
         transforms += [RandFlipd(_BOTH, prob=0.5, spatial_axis=0), RandFlipd(_BOTH, prob=0.5, spatial_axis=1)]
     if level in ("default", "heavy"):
         heavy = level == "heavy"

@@ -25,6 +25,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_unet_bundle.errors import BundleInputError
+from monai_unet_bundle.schedules import CURVES, curve_factor
 
 __all__ = ["TimeBudget"]
 
@@ -38,8 +39,8 @@ class TimeBudget:
         minutes: the budget, or ``None`` for none (the handler then does nothing).
         optimizer: the optimizer whose learning rate is annealed (with ``anneal``).
         anneal: follow the schedule's curve (``shape``) from each group's initial rate to ``final_fraction``
-            of it over the budget (the bundle passes ``lr_schedule`` in cosine, poly, flat_cosine); otherwise the
-            schedule is left alone.
+            of it over the budget, when ``shape`` is one of the curves
+            (:data:`~monai_unet_bundle.schedules.CURVES`); otherwise the schedule is left alone.
         validator: the validation engine, run once on the weights the budget stopped at.
         final_fraction: the rate at the end of the budget, as a fraction of the initial one.
         shape: ``cosine`` (half a cosine), ``poly`` (``(1 - t) ** 0.9``, nnU-Net's decay) or ``flat_cosine`` (the
@@ -65,7 +66,7 @@ class TimeBudget:
             raise BundleInputError(f"time_budget_minutes must be a number above 0 (or null for none), got {minutes!r}.")
         self.seconds = None if minutes is None else float(minutes) * 60.0
         self.optimizer = optimizer
-        self.anneal = bool(anneal) and optimizer is not None
+        self.anneal = bool(anneal) and optimizer is not None and shape in CURVES
         self.validator = validator
         self.final_fraction = float(final_fraction)
         self.clock = clock
@@ -127,8 +128,6 @@ class TimeBudget:
 
     def learning_rate_factor(self, spent: float) -> float:
         """The curve's factor after ``spent`` seconds: 1 at the start, ``final_fraction`` at the end of the budget."""
-        from monai_unet_bundle.schedules import curve_factor
-
         return curve_factor(self.shape, spent / self.seconds, self.final_fraction)
 
     def _set_lr(self, engine: Engine) -> None:

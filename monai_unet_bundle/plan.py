@@ -332,12 +332,11 @@ def plan_class_weights(counts: np.ndarray, setting: Any, loss_name: str) -> tupl
 
 
 def mirrored(settings: Mapping[str, Any]) -> bool:
-    """Whether training flips the images (``augmentation`` other than ``none`` with ``mirror`` on): inference's
-    ``tta auto`` averages over flips only for such a model."""
-    from monai_unet_bundle.settings import flag
+    """Whether training flips the images (:func:`~monai_unet_bundle.augment.flips` of the settings' ``augmentation``
+    and ``mirror``): inference's ``tta auto`` averages over flips only for such a model."""
+    from monai_unet_bundle.augment import flips
 
-    level, mirror = settings.get("augmentation", "light"), settings.get("mirror", True)
-    return level != "none" and flag(mirror, "mirror")
+    return flips(settings.get("augmentation", "light"), settings.get("mirror", True))
 
 
 def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | torch.device, to_index_factory: Any) -> dict[str, Any]:
