@@ -224,34 +224,60 @@ def test_a_time_budget_stops_both_ranks_at_the_same_iteration(data_dir: Path, tm
     assert f"epoch {resume['trainer']['epoch']}, iteration {resume['trainer']['iteration']}" in stop[0]
 
 
-def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
-    """The README's multi-node command, with two 'nodes' of one process each on this machine.
+def _launch_two_nodes(args: list[str], logs: Path, attempt: int) -> tuple[list[int | None], list[str]]:
+    """Start two torchrun agents ('nodes') that rendezvous through a c10d store this process hosts.
 
-    The rendezvous port is not looked up and handed on (another process could take it meanwhile):
-    this test binds it, with a c10d TCP store of its own, and holds it until the nodes are done.
-    Both nodes run the same command; each finds the endpoint's port in use, so joins the store
-    there as a client, as the second node did when one of them hosted it, and the two agents
-    rendezvous through it, number the nodes and start one worker each.
+    The rendezvous port is not looked up and handed on (another process could take it meanwhile): the
+    store binds it and is held until the nodes are done.  Each node finds the endpoint's port in use, so
+    joins the store as a client, as the second node does when the first hosts it.  ``--local_addr``
+    names this machine by address (no host-name lookup), and ``join_timeout`` ends a rendezvous that
+    stalls with torch's own message instead of a silent wait.  Output goes to files, not pipes, so
+    neither node can block on a full pipe while the other is read.  Returns exit codes (None: killed
+    at the timeout) and the two logs.
     """
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
-    endpoint = f"127.0.0.1:{store.port}"
-    launch = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "t"]
-    args = [*TRAIN, "--bundle_root", str(tmp_path), "--dataset_dir", str(data_dir), "--max_epochs", "1"]
-    nodes = [
-        subprocess.Popen(_torchrun_cmd(*launch) + args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
+    launch = [
+        "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{store.port}",
+        "--rdzv_id", f"t{attempt}", "--rdzv_conf", "join_timeout=120", "--local_addr", "127.0.0.1",
     ]
+    paths = [logs / f"node{i}_attempt{attempt}.log" for i in range(2)]
+    nodes = []
     try:
-        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        for path in paths:
+            with open(path, "w") as out:
+                nodes.append(subprocess.Popen(_torchrun_cmd(*launch) + args, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT))
+        for node in nodes:
+            try:
+                node.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                break
     finally:
         for node in nodes:
             node.kill()
+            node.wait()
         del store
-    assert [n.returncode for n in nodes] == [0, 0], "\n\n".join(o[-4000:] for o in outputs)
-    ranks = sorted(int(m) for o in outputs for m in re.findall(r"process group: rank (\d) of 2 \(gloo\)", o))
+    return [n.returncode if n.returncode is not None and n.returncode >= 0 else None for n in nodes], [p.read_text() for p in paths]
+
+
+def test_two_node_launch_with_c10d_rendezvous(data_dir: Path, tmp_path: Path):
+    """The README's multi-node command, with two 'nodes' of one process each on this machine.
+
+    Both nodes run the same command; the agents rendezvous, number the nodes and start one worker each,
+    which train one epoch together.  torch's rendezvous (not this bundle) has once stalled here on a
+    loaded machine before any worker started; such an attempt, and only such, is tried once more.
+    """
+    args = [*TRAIN, "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(data_dir), "--max_epochs", "1"]
+    worker_started = re.compile(r"process group: rank (\d) of 2 \(gloo\)")
+    for attempt in range(2):
+        codes, outputs = _launch_two_nodes(args, tmp_path, attempt)
+        if codes == [0, 0] or any(worker_started.search(o) for o in outputs):
+            break
+    assert codes == [0, 0], f"exit codes {codes} (None: killed after 240 s)\n\n" + "\n\n".join(o[-4000:] for o in outputs)
+    ranks = sorted(int(m) for o in outputs for m in worker_started.findall(o))
     assert ranks == [0, 1]
-    assert (tmp_path / "models" / "model.pt").is_file() and curve_epochs(tmp_path / "logs") == [1]
-    assert len(event_file_pids(tmp_path / "logs")) == 1
+    bundle = tmp_path / "bundle"
+    assert (bundle / "models" / "model.pt").is_file() and curve_epochs(bundle / "logs") == [1]
+    assert len(event_file_pids(bundle / "logs")) == 1
 
 
 def test_a_fold_trains_and_evaluates_under_torchrun_on_the_pairs_a_single_process_deals(data_dir: Path, tmp_path: Path):
