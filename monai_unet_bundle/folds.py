@@ -38,13 +38,17 @@ def check_folds(num_folds: Any, fold: Any) -> tuple[int, int] | None:
     if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
         raise BundleInputError(
             f"fold must be a whole number from 0 to {num_folds - 1} with num_folds {num_folds}; got {fold!r}: "
-            f"train each fold with its own command (--fold 0, --fold 1, ...), or all of them with scripts/cross_validate.py."
+            f"train each fold with its own command (--fold 0, --fold 1, ...), or all of them with --fold all."
         )
     return num_folds, fold
 
 
 def fold_folder(num_folds: Any = None, fold: Any = 0) -> str:
-    """The suffix of a fold's ``models/`` and ``logs/`` folders: ``/fold_k``, or ``""`` without folds."""
+    """The suffix of a fold's ``models/`` and ``logs/`` folders: ``/fold_k``, or ``""`` without folds and for
+    ``fold`` "all" (the run that trains every fold, into ``models/fold_k`` each; :mod:`monai_unet_bundle.cross_validate`)."""
+    if fold == "all" and num_folds is not None:
+        check_folds(num_folds, 0)
+        return ""
     folds = check_folds(num_folds, fold)
     return "" if folds is None else f"/fold_{folds[1]}"
 

@@ -1,11 +1,11 @@
 """Learning-rate schedules chosen by name, and the handler that steps them.
 
-``cosine`` (default) decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
+``cosine`` decays to 1% of the learning rate over ``max_epochs``; ``plateau`` divides it
 by ten at the ``patience``-th validation in a row without a better score (5 by default: the 5th),
 then counts again from zero; ``step`` halves it every ``max(1, max_epochs // 4)`` epochs;
 ``constant`` keeps it; ``poly`` follows ``(1 - epoch / max_epochs) ** 0.9`` (nnU-Net's decay);
-``flat_cosine`` keeps the rate for the first :data:`FLAT_SHARE` of the run and follows a cosine to 1%
-over the rest (fastai's "flat cos"): a run cut short, as a CPU time budget cuts most runs, then
+``flat_cosine`` (default) keeps the rate for the first :data:`FLAT_SHARE` of the run and follows a cosine
+to 1% over the rest (fastai's "flat cos"): a run cut short, as a CPU time budget cuts most runs, then
 spends most of its time at the full rate and still ends annealed.
 
 :func:`build_optimizer` builds the optimizer by name: ``adam`` (the default) or ``sgd`` (Nesterov

@@ -257,8 +257,9 @@ SETTINGS: dict[str, Check] = {
     "num_folds": lambda value, _: None if value is None or (_is_int(value) and value >= 2) else "null (one split by val_fraction) or a whole number of at least 2, e.g. 5",
     "fold": lambda value, values: (
         None if _is_int(value) and 0 <= value < (values.get("num_folds") if _is_int(values.get("num_folds")) else 1)
-        else "0 while num_folds is null (set --num_folds K to train fold k)" if not _is_int(values.get("num_folds"))
-        else "a whole number from 0 to num_folds - 1 (train every fold with scripts/cross_validate.py)"
+        else None if value == "all" and _is_int(values.get("num_folds"))
+        else "0 while num_folds is null (set --num_folds K to train fold k, or every fold with --fold all)" if not _is_int(values.get("num_folds"))
+        else "a whole number from 0 to num_folds - 1, or all (every fold, one after another)"
     ),
     "num_classes": _num_classes,
     "class_names": _class_names,

@@ -55,7 +55,8 @@ def test_fold_settings_are_checked():
     assert check_folds(5, 4) == (5, 4) and fold_folder(5, 2) == "/fold_2"
     with pytest.raises(BundleInputError, match="num_folds must be a whole number of at least 2"):
         check_folds(1, 0)
-    with pytest.raises(BundleInputError, match=r"fold must be a whole number from 0 to 4 with num_folds 5; got 5.*cross_validate"):
+    assert fold_folder(5, "all") == ""  # the run that trains every fold writes the cross-validation's own files at the top
+    with pytest.raises(BundleInputError, match=r"fold must be a whole number from 0 to 4 with num_folds 5; got 5.*--fold all"):
         check_folds(5, 5)
     with pytest.raises(BundleInputError, match="fold must be .* got 'all'"):
         check_folds(5, "all")
@@ -131,11 +132,13 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     from tests.conftest import REPO
 
     data = _grouped_set(tmp_path / "data", patients=4, per_patient=2)
-    command = [sys.executable, str(REPO / "scripts" / "cross_validate.py"), "--num_folds", "2", "--bundle_root", "cv", "--",
-               "--dataset_dir", str(data), "--group_pattern", "^(P\\d+)_", "--max_epochs", "1", "--spatial_size", "[32,32]",
-               "--num_workers", "0"]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    settings = ["--dataset_dir", str(data), "--group_pattern", "^(P\\d+)_", "--max_epochs", "1", "--spatial_size", "[32,32]",
+                "--num_workers", "0"]
+    # the bundle's own command line with --fold all: each fold in a run of its own, then the summary
+    proc = run_bundle("--config_file", config("train.json"), "--num_folds", "2", "--fold", "all", "--bundle_root", "cv",
+                      *settings, cwd=tmp_path)
+    assert "fold all: 2 folds, one after another" in proc.stdout and "fold 1: trained and evaluated in" in proc.stdout
+    assert not (tmp_path / "cv" / "models" / "model.pt").exists()
     for k in (0, 1):
         assert (tmp_path / "cv" / "models" / f"fold_{k}" / "model.pt").is_file()
     # every pair is scored exactly once, by the fold that held it out, and its patient is never on both sides
@@ -162,12 +165,19 @@ def test_cross_validate_trains_every_fold_and_predicts_every_pair_once_out_of_fo
     assert chosen["images"] == 8 and chosen["trials"] and "post-processing chosen out of fold" in proc.stdout
     for k in (0, 1):
         assert json.loads((tmp_path / "cv" / "models" / f"fold_{k}" / "plan.json").read_text())["postprocessing"] == chosen["choice"]
-    # run again: finished folds are not trained again (resume), and the summary is the same
+    # again through scripts/cross_validate.py: finished folds are not trained again (resume), and the summary is the same
     model = tmp_path / "cv" / "models" / "fold_1" / "model.pt"
     written = model.stat().st_mtime_ns
+    command = [sys.executable, str(REPO / "scripts" / "cross_validate.py"), "--num_folds", "2", "--bundle_root", "cv", "--", *settings]
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and "fold 1: its training finished earlier" in again.stdout
+    assert again.returncode == 0 and "fold 1: its training finished earlier" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     assert model.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "cv" / "eval" / "cross_validation.json").read_text())["folds"] == result["folds"]
+    # evaluation with --fold all scores and summarises the trained folds, training nothing
+    (tmp_path / "cv" / "eval" / "cross_validation.json").unlink()
+    proc = run_bundle("--config_file", config("train.json", "evaluate.json"), "--num_folds", "2", "--fold", "all",
+                      "--bundle_root", "cv", *settings, cwd=tmp_path)
+    assert "fold 0: evaluated in" in proc.stdout and "trained and evaluated" not in proc.stdout and model.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "cv" / "eval" / "cross_validation.json").read_text())["folds"] == result["folds"]
     # the folds folder as ckpt_path (relative): one ensemble whose probabilities are the folds' mean, at each image's size
     new = tmp_path / "new"

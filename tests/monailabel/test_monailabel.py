@@ -837,7 +837,7 @@ def test_server_trains_on_the_saved_labels_with_the_chosen_settings(server: dict
     assert len(rows) == 15, f"{len(rows)} epochs in logs/curves.csv, not the 15 requested"
     header = (bundle / "logs" / "curves.csv").read_text().splitlines()[0].split(",")
     first_lr = float(rows[0].split(",")[header.index("learning_rate")])
-    assert 0.005 < first_lr <= 0.01, f"the first epoch's learning rate {first_lr} is not the requested 0.01 (cosine-scheduled)"
+    assert 0.005 < first_lr <= 0.01, f"the first epoch's learning rate {first_lr} is not the requested 0.01 (flat, then annealed)"
     assert json.loads((bundle / "logs" / "data_check.json").read_text())["spatial_size"] == [32, 32]
     assert "Reload model from cache" in trained["reload_log"], "the /infer after training did not load the new model.pt"
     assert not np.array_equal(trained["before"], trained["after"]), "the map before and after training is the same"
