@@ -116,11 +116,9 @@ def cross_validate(
         fold = ["--fold", str(k)]
         start = time.perf_counter()
         models = root / "models" / f"fold_{k}"
-        if skip_training:
-            pass
-        elif run_finished(models / "resume.pt") and not retrain:
+        if not skip_training and run_finished(models / "resume.pt") and not retrain:
             print(f"fold {k}: its training finished earlier ({models}); --retrain trains it again", flush=True)
-        else:
+        elif not skip_training:
             if torchrun:
                 multi = Path(train_configs[0]).with_name("multi_gpu_train.json")
                 train = ["torchrun", "--standalone", f"--nproc_per_node={torchrun}", "-m", "monai.bundle", "run",

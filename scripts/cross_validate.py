@@ -1,26 +1,13 @@
 """K-fold cross-validation through the bundle's own commands: train every fold, evaluate it out of fold, summarise.
 
-For each fold k (all of them, or ``--folds``), one after another:
-
-1. ``python -m monai.bundle run --config_file configs/train.json --num_folds K --fold k ...`` trains into
-   ``models/fold_k`` (``logs/fold_k``); when the script is run again, an interrupted fold resumes where it
-   stopped (``resume auto``) and a finished one is not trained again (``--retrain`` trains it anew);
-2. ``configs/evaluate.json`` with the same settings scores the fold's held-out pairs at original size into
-   ``eval/fold_k``;
-
-then ``eval/cross_validation.json``, ``.csv`` and ``.html`` (a page with the curves, the confusion matrix and the worst
-out-of-fold images) hold every fold's Dice, IoU, precision and recall per class,
-their mean ± sd, and the pooled out-of-fold scores (:mod:`monai_unet_bundle.crossval`); and post-processing is
-chosen per class on the out-of-fold predictions (:mod:`monai_unet_bundle.postprocess_search`), written to
-``eval/postprocessing.json`` and into every fold's ``plan.json``, which inference applies.  Every argument after
-``--`` goes to both commands, e.g.:
+The steps are :func:`monai_unet_bundle.cross_validate.cross_validate` (its module docstring says what each
+writes), which ``--fold all`` on the bundle's own command line runs too; this script adds ``--folds`` (only
+some folds), ``--torchrun N`` (each fold's training under ``torchrun --nproc_per_node N`` with
+``configs/multi_gpu_train.json``), ``--skip_training`` and ``--retrain``.  Every argument after ``--`` goes to
+both the training and the evaluation command, e.g.:
 
     python scripts/cross_validate.py --num_folds 5 --bundle_root runs/cv -- --dataset_dir /data/xray \\
         --group_pattern '^(P\\d+)_' --time_budget_minutes 10
-
-``--torchrun N`` trains each fold with ``torchrun --nproc_per_node N`` and ``configs/multi_gpu_train.json``.
-The same steps run from the bundle's own command line with ``--num_folds K --fold all``
-(:mod:`monai_unet_bundle.cross_validate`).
 """
 
 from __future__ import annotations
