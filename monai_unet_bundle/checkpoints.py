@@ -359,10 +359,11 @@ class ModelLoader:
         self.network = network
 
     def attach(self, engine: Engine) -> None:
-        """Load the weights now (one file each into a fold ensemble's networks)."""
+        """Load the weights now (one file each into a fold ensemble's networks), unless the config's
+        model check already loaded these very files into this network."""
         from monai_unet_bundle.ensemble import load_models
 
-        load_models(self.load_path, self.network)
+        load_models(self.load_path, self.network, skip_loaded=True)
 
 
 class BestModelSaver:

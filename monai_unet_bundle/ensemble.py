@@ -113,11 +113,31 @@ def replicate(network: torch.nn.Module, ckpt_path: Any) -> torch.nn.Module:
     return FoldEnsemble([network] + [copy.deepcopy(network) for _ in files[1:]])
 
 
-def load_models(ckpt_path: Any, network: torch.nn.Module) -> list[str]:
+#: attribute in which :func:`load_models` notes, on the network, which files (and versions of them) it holds
+_LOADED = "_bundle_loaded_models"
+
+
+def _file_stamps(files: Sequence[str]) -> tuple[tuple[str, int, int], ...] | None:
+    """``(resolved path, modification time, size)`` of each file, or ``None`` if any cannot be read."""
+    try:
+        return tuple((str(Path(f).resolve()), (st := Path(f).stat()).st_mtime_ns, st.st_size) for f in files)
+    except OSError:
+        return None
+
+
+def load_models(ckpt_path: Any, network: torch.nn.Module, skip_loaded: bool = False) -> list[str]:
     """Load the model file(s) of ``ckpt_path`` into ``network`` (a :class:`FoldEnsemble` takes one each).
 
+    Args:
+        ckpt_path: as :func:`model_files` reads it.
+        network: the network (or a :func:`replicate` of it, or either wrapped for data parallelism).
+        skip_loaded: leave the weights as they are when this function already loaded the same files
+            into ``network`` and none has changed on disk since (inference's and evaluation's model
+            check loads them before the data are read; the evaluator's :class:`ModelLoader` then
+            need not read them again).
+
     Returns:
-        The model files loaded.
+        The model files (loaded, or already held).
 
     Raises:
         BundleInputError: as :func:`~monai_unet_bundle.checkpoints.load_model` for any file.
@@ -126,9 +146,14 @@ def load_models(ckpt_path: Any, network: torch.nn.Module) -> list[str]:
 
     files = model_files(ckpt_path)
     net = getattr(network, "module", network)
+    stamps = _file_stamps(files)
+    if skip_loaded and stamps is not None and getattr(net, _LOADED, None) == stamps:
+        logger.debug("weights of %s already loaded", ", ".join(files))
+        return files
     members = list(net.members) if isinstance(net, FoldEnsemble) else [network]
     if len(members) != len(files):
         raise RuntimeError(f"the network holds {len(members)} models but ckpt_path names {len(files)}: build it with replicate()")
     for path, member in zip(files, members):
         load_model(path, member)
+    object.__setattr__(net, _LOADED, stamps)  # a plain attribute, not a module, buffer or parameter
     return files

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from monai_unet_bundle.checkpoints import check_model
+from ignite.engine import Engine
+
+from monai_unet_bundle import checkpoints
+from monai_unet_bundle.checkpoints import ModelLoader, check_model
 from monai_unet_bundle.data import evaluation_items
 from monai_unet_bundle.ensemble import FoldEnsemble, load_models, model_files, replicate
 from monai_unet_bundle.errors import BundleInputError
@@ -73,6 +77,28 @@ def test_an_ensemble_returns_the_log_of_the_mean_probabilities_of_its_models(tmp
     torch.save(build_network("basic_unet", in_channels=1, out_channels=2, base_features=4).state_dict(), bad)
     with pytest.raises(BundleInputError, match="other.pt"):  # each file is checked as a single model would be
         load_models([str(files[0]), str(bad)], ensemble)
+
+
+def test_the_evaluators_model_loader_does_not_read_again_what_the_model_check_loaded(tmp_path, monkeypatch):
+    files = _folds(tmp_path / "models", 2)
+    ensemble = replicate(_net(100), str(tmp_path / "models"))
+    reads = []
+    real = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda path, net: reads.append(Path(path).parent.name) or real(path, net))
+    check_model(str(tmp_path / "models"), ensemble)
+    ModelLoader(str(tmp_path / "models"), ensemble).attach(Engine(lambda e, b: None))
+    assert reads == ["fold_0", "fold_1"]  # once each, by the model check
+    torch.save(_net(7).state_dict(), files[1])  # a file that changed since is read again, with every other
+    stat = files[1].stat()  # (written a second later, as a retrained fold would be: coarse file clocks)
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    ModelLoader(str(tmp_path / "models"), ensemble).attach(Engine(lambda e, b: None))
+    assert reads == ["fold_0", "fold_1", "fold_0", "fold_1"]
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ensemble.members[1].eval()(x), _net(7).eval()(x), atol=1e-6)
+    fresh = replicate(_net(100), str(tmp_path / "models"))  # another network holding other weights is loaded
+    ModelLoader(str(tmp_path / "models"), fresh).attach(Engine(lambda e, b: None))
+    assert reads[-2:] == ["fold_0", "fold_1"] and len(reads) == 6
 
 
 def test_models_of_different_plans_are_not_ensembled(tmp_path):
