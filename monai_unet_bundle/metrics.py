@@ -18,7 +18,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,10 @@ class SegmentationReport:
             (:mod:`monai_unet_bundle.postprocess_search`); ``None`` keeps none.
         curves: the ``curves.csv`` of the model's training, drawn in ``report.html`` (``None``: no curves).
         num_worst: how many of the worst-scoring images ``report.html`` shows (and ``worst/`` keeps as PNG).
+        postprocessing: the clean-ups applied to ``pred`` before scoring
+            (:attr:`~monai_unet_bundle.postprocess.PostProcessd.choice`), named in the summary and the reports;
+            ``None`` when none was.  Where the items also carry ``pred_raw`` (the prediction before it), the
+            kept predictions are those, so that post-processing is chosen on what the network predicted.
     """
 
     def __init__(
@@ -162,8 +166,10 @@ class SegmentationReport:
         predictions_dir: str | Path | None = None,
         curves: str | Path | None = None,
         num_worst: int = 8,
+        postprocessing: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.postprocessing = dict(postprocessing) if postprocessing else None
         self.predictions_dir = Path(predictions_dir) if predictions_dir else None
         self.curves = Path(curves) if curves else None
         self.num_worst = int(num_worst)
@@ -222,7 +228,8 @@ class SegmentationReport:
             if self.predictions_dir is not None:
                 from monai_unet_bundle.postprocess_search import write_predictions
 
-                write_predictions(self.predictions_dir, len(self.rows), name, np.asarray(pred.cpu()), np.asarray(label.cpu()))
+                kept = _to_index(item["pred_raw"]) if "pred_raw" in item else pred
+                write_predictions(self.predictions_dir, len(self.rows), name, np.asarray(kept.cpu()), np.asarray(label.cpu()))
             self.rows.append((name, cm))
             self._keep_if_worst(name, scores(cm)["mean_dice"], item, pred, label)
 
@@ -263,7 +270,16 @@ class SegmentationReport:
             },
             "all_pixels": overall,
             "confusion_matrix": total.tolist(),
+            "postprocessing": self.postprocessing,
         }
+
+    def postprocessing_note(self) -> str:
+        """One sentence naming the post-processing the scores include."""
+        from monai_unet_bundle.postprocess import describe_choice
+
+        if not self.postprocessing:
+            return "Scored without post-processing."
+        return f"Scored after post-processing, as inference applies it: {describe_choice(self.postprocessing)}."
 
     def write(self, engine: Engine | None = None) -> dict[str, Any]:
         """Write the CSV, JSON and Markdown files; returns the summary."""
@@ -316,7 +332,7 @@ class SegmentationReport:
             {"training": self.curves} if self.curves else {},
             self.worst,
             notes=[f"{summary['images']} images; mean foreground Dice over images {_fmt(m['mean_dice'])}, "
-                   f"mean foreground IoU {_fmt(m['mean_iou'])}."],
+                   f"mean foreground IoU {_fmt(m['mean_iou'])}.", self.postprocessing_note()],
         )
 
     def markdown(self, summary: dict[str, Any]) -> str:
@@ -327,6 +343,8 @@ class SegmentationReport:
             "",
             f"Images: {summary['images']}. Mean foreground Dice over images: {_fmt(m['mean_dice'])}; "
             f"mean foreground IoU over images: {_fmt(m['mean_iou'])}; pixel accuracy: {_fmt(s['accuracy'])}.",
+            "",
+            self.postprocessing_note(),
             "",
             "## Per class (all pixels of all images)",
             "",

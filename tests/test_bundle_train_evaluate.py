@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,35 @@ def test_evaluation_writes_per_image_metrics_and_summary(trained_bundle: Path, t
     logged = [line for line in (proc.stdout + proc.stderr).splitlines() if "Metrics -- val_mean_dice:" in line]
     assert logged and float(logged[-1].rsplit(":", 1)[1]) == pytest.approx(sum(dice) / len(dice), abs=1e-4)
     assert "| foreground |" in (out / "metrics_report.md").read_text()
+
+
+def test_evaluation_scores_after_the_post_processing_inference_applies(trained_bundle: Path, tmp_path: Path):
+    root = tmp_path / "bundle"
+    shutil.copytree(trained_bundle / "models", root / "models")
+    plan_file = root / "models" / "plan.json"
+    plan = json.loads(plan_file.read_text())
+    # a choice (as cross-validation stores it) that drops every object: its effect on the scores cannot be missed
+    plan["postprocessing"] = {"remove_smaller_than": [0, 10**9], "fill_holes": [], "keep_largest_component": []}
+    plan_file.write_text(json.dumps(plan))
+    common = ["--config_file", config("train.json", "evaluate.json"), "--bundle_root", str(root),
+              "--dataset_dir", str(trained_bundle / "data"), *TINY]
+
+    run_bundle(*common, "--output_dir", str(tmp_path / "auto"))
+    summary = json.loads((tmp_path / "auto" / "metrics_summary.json").read_text())
+    assert summary["postprocessing"]["remove_smaller_than"] == [0, 10**9]
+    with open(tmp_path / "auto" / "metrics_per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(r["dice_foreground"]) == 0.0 for r in rows)  # every mask has foreground
+    assert summary["confusion_matrix"][0][1] == summary["confusion_matrix"][1][1] == 0  # nothing predicted foreground
+    note = "Scored after post-processing, as inference applies it: class 1: drop objects under 1000000000 px."
+    assert note in (tmp_path / "auto" / "metrics_report.md").read_text()
+    assert note in (tmp_path / "auto" / "report.html").read_text()
+
+    run_bundle(*common, "--output_dir", str(tmp_path / "off"), "--remove_smaller_than", "0")  # the user's setting wins
+    summary = json.loads((tmp_path / "off" / "metrics_summary.json").read_text())
+    assert summary["postprocessing"] is None
+    assert summary["confusion_matrix"][0][1] + summary["confusion_matrix"][1][1] > 0  # the network's own foreground
+    assert "Scored without post-processing." in (tmp_path / "off" / "metrics_report.md").read_text()
 
 
 def test_evaluation_without_a_model_says_so(tmp_path: Path, tiny_dataset: Path):
