@@ -117,10 +117,13 @@ def replicate(network: torch.nn.Module, ckpt_path: Any) -> torch.nn.Module:
 _LOADED = "_bundle_loaded_models"
 
 
-def _file_stamps(files: Sequence[str]) -> tuple[tuple[str, int, int], ...] | None:
-    """``(resolved path, modification time, size)`` of each file, or ``None`` if any cannot be read."""
+def _file_stamps(files: Sequence[str]) -> tuple[tuple[Any, ...], ...] | None:
+    """``(resolved path, inode, modification and change times, size)`` of each file, or ``None`` if any
+    cannot be read (a model saved again is a new inode: the bundle writes it beside and renames it in)."""
     try:
-        return tuple((str(Path(f).resolve()), (st := Path(f).stat()).st_mtime_ns, st.st_size) for f in files)
+        return tuple(
+            (str(Path(f).resolve()), (st := Path(f).stat()).st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) for f in files
+        )
     except OSError:
         return None
 
@@ -153,6 +156,7 @@ def load_models(ckpt_path: Any, network: torch.nn.Module, skip_loaded: bool = Fa
     members = list(net.members) if isinstance(net, FoldEnsemble) else [network]
     if len(members) != len(files):
         raise RuntimeError(f"the network holds {len(members)} models but ckpt_path names {len(files)}: build it with replicate()")
+    net.__dict__.pop(_LOADED, None)  # a load that fails halfway leaves no note of files it did not finish
     for path, member in zip(files, members):
         load_model(path, member)
     object.__setattr__(net, _LOADED, stamps)  # a plain attribute, not a module, buffer or parameter

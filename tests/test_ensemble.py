@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from ignite.engine import Engine
 
 from monai_unet_bundle import checkpoints
+from monai_unet_bundle.atomic import atomic_save
 from monai_unet_bundle.checkpoints import ModelLoader, check_model
 from monai_unet_bundle.data import evaluation_items
 from monai_unet_bundle.ensemble import FoldEnsemble, load_models, model_files, replicate
@@ -88,9 +88,7 @@ def test_the_evaluators_model_loader_does_not_read_again_what_the_model_check_lo
     check_model(str(tmp_path / "models"), ensemble)
     ModelLoader(str(tmp_path / "models"), ensemble).attach(Engine(lambda e, b: None))
     assert reads == ["fold_0", "fold_1"]  # once each, by the model check
-    torch.save(_net(7).state_dict(), files[1])  # a file that changed since is read again, with every other
-    stat = files[1].stat()  # (written a second later, as a retrained fold would be: coarse file clocks)
-    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    atomic_save(_net(7).state_dict(), files[1])  # saved again, as training saves: read again, with every other
     ModelLoader(str(tmp_path / "models"), ensemble).attach(Engine(lambda e, b: None))
     assert reads == ["fold_0", "fold_1", "fold_0", "fold_1"]
     x = torch.rand(1, 1, 32, 32)
@@ -99,6 +97,12 @@ def test_the_evaluators_model_loader_does_not_read_again_what_the_model_check_lo
     fresh = replicate(_net(100), str(tmp_path / "models"))  # another network holding other weights is loaded
     ModelLoader(str(tmp_path / "models"), fresh).attach(Engine(lambda e, b: None))
     assert reads[-2:] == ["fold_0", "fold_1"] and len(reads) == 6
+    bad = tmp_path / "other.pt"
+    torch.save(build_network("basic_unet", in_channels=1, out_channels=2, base_features=4).state_dict(), bad)
+    with pytest.raises(BundleInputError):  # fold_0's file goes in, the other is refused: the network holds a mix
+        load_models([str(files[0]), str(bad)], ensemble)
+    ModelLoader(str(tmp_path / "models"), ensemble).attach(Engine(lambda e, b: None))
+    assert len(reads) == 10 and reads[-2:] == ["fold_0", "fold_1"]  # so the folds are read again, not skipped
 
 
 def test_models_of_different_plans_are_not_ensembled(tmp_path):
