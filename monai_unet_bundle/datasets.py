@@ -26,7 +26,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.optional import available
 
-__all__ = ["CACHE_MODES", "available_memory_bytes", "choose_cache", "loader_workers", "make_dataset"]
+__all__ = ["CACHE_MODES", "available_memory_bytes", "cached_size", "choose_cache", "loader_workers", "make_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,15 @@ def choose_cache(cache: str, n_items: int, spatial_size: Sequence[int], in_chann
     choice = "memory" if need <= budget else "disk"
     logger.info("cache auto: %d pairs need %.0f MiB cached, budget %.0f MiB: %s", n_items, need / 2**20, budget / 2**20, choice)
     return choice
+
+
+def cached_size(plan: Mapping[str, Any]) -> list[int]:
+    """The size of a cached image: ``spatial_size``, or with patch training (images kept at their own size) the
+    median image's, which the plan records from the data check."""
+    median = (plan.get("data") or {}).get("median_height_width")
+    if plan.get("patch_training") and median:
+        return [int(round(s)) for s in median]
+    return list(plan["spatial_size"])
 
 
 def loader_workers(num_workers: int | str, cache: str = "memory", device: str | None = None) -> int:
@@ -107,6 +116,8 @@ def make_dataset(
     if plan is not None:
         key = json.dumps({k: plan.get(k) for k in ("spatial_size", "in_channels", "normalization", "num_classes",
                                                    "mask_palette", "mask_thresholds")}, sort_keys=True)
+        if plan.get("patch_training"):  # images kept at their own size (earlier caches keep their folder names)
+            key += " patches"
         cache_dir = Path(cache_dir) / hashlib.sha256(key.encode()).hexdigest()[:12]
     if mode == "memory":
         available("tqdm")  # our one warning when it is missing (MONAI's own about the caching bar is silenced)

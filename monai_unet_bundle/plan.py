@@ -15,6 +15,11 @@ The data check reads every image and mask once; from what it finds (:class:`Data
   the longer side) and never
   larger than the median image (beyond rounding to the stride grid);
 * ``batch_size``: what fits that size on the device;
+* ``patch_training``: whole images resized to ``spatial_size``, or, when resizing the median image into
+  the device's pixel budget would shrink each side to less than half (images larger than about 512x512
+  on a CPU, 1024x1024 on a GPU), patches of ``spatial_size`` cut at the images' own resolution, half of
+  them centred on foreground; validation, evaluation and inference then run sliding windows of that
+  size over whole images at their own resolution (inference's ``sliding_window auto``);
 * ``normalization``: 8-bit images (photographs, PNG/JPEG masks' images) are divided by 255; 16-bit,
   float, NIfTI and grayscale DICOM images get a per-image z-score after clipping to their 0.5 and
   99.5 percentiles;
@@ -45,7 +50,7 @@ from monai_unet_bundle.atomic import atomic_write_text
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.metrics import default_class_names
 from monai_unet_bundle.networks import TOTAL_STRIDE, check_spatial_size
-from monai_unet_bundle.settings import is_auto
+from monai_unet_bundle.settings import flag, is_auto
 from monai_unet_bundle.transforms import mode_channels
 
 __all__ = [
@@ -83,6 +88,14 @@ BUDGET_FLOOR_SIDE = 128
 BATCH_PIXELS = {"cpu": 8 * 128 * 128, "cuda": 8 * 512 * 512}
 #: the smallest batch the plan gives, by device type (batch norm needs a few images per batch)
 MIN_BATCH = {"cpu": 4, "cuda": 2}
+#: patch training (``patch_training auto``) when fitting the median image into the device's pixel budget would
+#: scale each side by less than this: resizing would then throw away more than half of the resolution
+PATCH_BELOW_SCALE = 0.5
+#: the plan's ``training`` text, by ``patch_training``
+TRAINING_TEXT = {
+    False: "whole images resized to spatial_size",
+    True: "patches of spatial_size at the images' own resolution, half centred on foreground; sliding windows to validate and infer",
+}
 #: most classes the plan reads from gray levels or colours before asking for explicit settings
 MAX_PLANNED_CLASSES = 32
 #: the rarest foreground class's pixel share below which the plan weights the classes
@@ -263,6 +276,28 @@ def plan_size(
     return size, why
 
 
+def plan_patch(fp: DataFingerprint, setting: Any, size_setting: Any, device_type: str) -> tuple[bool, str]:
+    """``(patch_training, why)``: patches at the images' own resolution when the median image is too large to
+    resize into the device's pixel budget without losing more than half of each side (:data:`PATCH_BELOW_SCALE`).
+
+    With ``spatial_size`` or ``input_size`` set and ``patch_training`` auto, whole images are resized to it,
+    as that setting always meant.
+    """
+    if not is_auto(setting):
+        return flag(setting, "patch_training"), "set"
+    if size_setting is not None:
+        return False, "spatial_size set: whole images resized to it"
+    if not fp.heights:
+        return False, "no images to read"
+    height, width = float(np.median(fp.heights)), float(np.median(fp.widths))
+    budget = PIXEL_BUDGET.get(device_type, PIXEL_BUDGET["cpu"])
+    scale = math.sqrt(budget / (height * width))
+    if scale < PATCH_BELOW_SCALE:
+        return True, (f"resizing the median image {height:g}x{width:g} into the {device_type} budget of {budget} pixels would "
+                      f"scale it by {scale:.2f}: patches at its own resolution instead")
+    return False, f"the median image {height:g}x{width:g} resizes into the {device_type} budget at a scale of {min(1.0, scale):.2f}"
+
+
 def plan_batch(size: Sequence[int], setting: Any, device_type: str, n_training: int) -> tuple[int, str]:
     """``(batch_size, why)``: as many images of ``size`` as the device's batch pixels hold (4 on a CPU or 2 on a GPU, to 32)."""
     if not is_auto(setting):
@@ -376,6 +411,9 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
         fp, settings.get("spatial_size"), settings.get("input_size"), device_type, settings.get("time_budget_minutes")
     )
     batch, why["batch_size"] = plan_batch(size, settings.get("batch_size"), device_type, fp.n_training)
+    given = [settings.get(k) for k in ("spatial_size", "input_size")]
+    size_given = next((v for v in given if v is not None and not is_auto(v)), None)
+    patches, why["patch_training"] = plan_patch(fp, settings.get("patch_training", AUTO), size_given, device_type)
     normalization, why["normalization"] = plan_normalization(fp, settings.get("normalization"))
     counts = class_counts(fp, to_index_factory(num_classes, palette, thresholds))
     weights, why["class_weights"] = plan_class_weights(counts, settings.get("class_weights"), str(settings.get("loss_name")))
@@ -394,7 +432,8 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
         "batch_size": int(batch),
         "normalization": normalization,
         "class_weights": weights,
-        "training": "whole images resized to spatial_size",
+        "patch_training": patches,
+        "training": TRAINING_TEXT[patches],
         "mirrored": mirrored(settings),
         "why": why,
         "data": {
@@ -414,7 +453,8 @@ def _why_text(reason: str) -> str:
 def log_plan(plan: Mapping[str, Any]) -> None:
     """Print the plan, one line per item, with the reason for each."""
     why = plan.get("why", {})
-    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "normalization", "class_weights", *NETWORK):
+    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "patch_training", "normalization",
+                "class_weights", *NETWORK):
         if key not in plan:
             continue
         value = plan[key]
@@ -459,7 +499,7 @@ def fill_network(plan: Mapping[str, Any], trained: Mapping[str, Any] | None) -> 
 
 
 #: what every model of a fold ensemble must share: one input pipeline and one output
-ENSEMBLE_KEYS = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization", *NETWORK)
+ENSEMBLE_KEYS = ("num_classes", "class_names", "in_channels", "spatial_size", "normalization", "patch_training", *NETWORK)
 
 
 def saved_plan(ckpt_path: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -543,6 +583,8 @@ def model_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
     for key in ("mask_palette", "mask_thresholds"):  # the masks' encoding, when given, wins too
         if settings.get(key) is not None:
             plan[key] = settings[key]
+    plan.setdefault("patch_training", False)  # plans from before patch training trained on whole images
+    plan["sliding_window"] = sliding_window(plan, settings.get("sliding_window"), str(ckpt_path))
     names = settings.get("class_names")
     if names is not None and not is_auto(names):
         plan["class_names"] = list(names)
@@ -554,6 +596,19 @@ def model_plan(ckpt_path: str | Path, settings: Mapping[str, Any]) -> dict[str, 
             f"pass --class_names with {plan['num_classes']} names, background first."
         )
     return plan
+
+
+def sliding_window(plan: Mapping[str, Any], setting: Any, model: str) -> bool:
+    """Whether inference runs sliding windows at the images' own resolution: ``auto`` (or absent) does so for a
+    model trained on patches (the plan's ``patch_training``), and resizes whole images to ``spatial_size`` for
+    one trained on resized images."""
+    if setting is None or is_auto(setting):
+        return bool(plan.get("patch_training"))
+    chosen = flag(setting, "sliding_window")
+    if plan.get("patch_training") and not chosen:
+        logger.warning("%s was trained on patches at the images' own resolution: sliding_window false resizes whole images "
+                       "to spatial_size %s, a scale it never saw; leave sliding_window auto", model, plan.get("spatial_size"))
+    return chosen
 
 
 def plan_path_for(model_path: str | Path) -> Path:

@@ -277,6 +277,7 @@ SETTINGS: dict[str, Check] = {
     # training
     "max_epochs": _integer(1),
     "batch_size": _auto_or_integer(1),
+    "patch_training": _auto_boolean,
     "learning_rate": lambda value, _: None if is_auto(value) or (_is_number(value) and value > 0) else "auto or a number above 0",
     "lr_schedule": _choice("cosine", "plateau", "step", "constant", "poly", "flat_cosine"),
     "optimizer_name": _choice("adam", "sgd"),
@@ -305,7 +306,7 @@ SETTINGS: dict[str, Check] = {
     "input_files": _input_files,
     "ckpt_path": _model_paths,
     "tta": _auto_boolean,
-    "sliding_window": _boolean,
+    "sliding_window": _auto_boolean,
     "keep_largest_component": _auto_boolean,
     "fill_holes": _auto_boolean,
     "remove_smaller_than": _auto_or_integer(0),

@@ -294,7 +294,8 @@ def trained_network(weights: Path, source: Path = REPO) -> dict:
 
 
 #: plan items written into the shipped configs as explicit settings
-FROZEN = ("num_classes", "class_names", "in_channels", "normalization", "batch_size", "architecture", "base_features", "activation")
+FROZEN = ("num_classes", "class_names", "in_channels", "normalization", "batch_size", "patch_training", "architecture",
+          "base_features", "activation")
 #: what a bundle shipped without a plan says explicitly: MONAI Label trains on its datastore, which the
 #: plan cannot read (it plans from dataset_dir), so the shipped configs keep the settings of old
 #: (spatial_size stays auto: inference reads it from models/plan.json, else 512x512, and MONAI Label's input_size sets it)
@@ -318,7 +319,7 @@ def apply_plan(bundle: Path, plan: dict) -> None:
     channels, normalisation, batch size, class weights and network become those files' settings (instead of
     ``auto``; ``spatial_size`` stays ``auto``, read from ``models/plan.json`` unless MONAI Label's
     ``input_size`` sets it), and the metadata's ``channel_def``, ``num_channels`` and
-    ``spatial_shape`` describe the model.
+    ``spatial_shape`` describe the model (``is_patch_data`` for a model trained on patches).
     """
     (bundle / "models" / PLAN_FILE).write_text(json.dumps(plan, indent=2) + "\n")
     configs = bundle / "configs"
@@ -334,6 +335,7 @@ def apply_plan(bundle: Path, plan: dict) -> None:
         "num_channels": plan["in_channels"], "modality": "RGB" if rgb else "grayscale",
         "channel_def": {"0": "R", "1": "G", "2": "B"} if rgb else {"0": "intensity"},
         "spatial_shape": list(plan["spatial_size"]),
+        "is_patch_data": bool(plan.get("patch_training")),
         "value_range": [0, 1] if plan.get("normalization") in ("unit", "minmax") else [],
     })
     pred.update({

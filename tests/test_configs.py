@@ -114,7 +114,7 @@ def test_evaluation_runs_images_through_inference_s_inferer_with_its_tta(tta: bo
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
-    parser["plan"] = {"spatial_size": [32, 48]}
+    parser["plan"] = {"spatial_size": [32, 48], "batch_size": 4}
     parser["tta"] = tta
     inferer = parser.get_parsed_content("validate#inferer")
     assert isinstance(inferer, SegmentationInferer) and inferer.tta is tta and inferer.window is None

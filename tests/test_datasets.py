@@ -6,7 +6,7 @@ import pytest
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, Lambdad
 
-from monai_unet_bundle.datasets import choose_cache, loader_workers, make_dataset
+from monai_unet_bundle.datasets import cached_size, choose_cache, loader_workers, make_dataset
 from monai_unet_bundle.errors import BundleInputError
 
 
@@ -17,6 +17,14 @@ def test_auto_cache_follows_the_memory_budget():
     assert choose_cache("none", 10**6, [512, 512], 3) == "none"
     with pytest.raises(BundleInputError, match="cache must be one of auto, memory, disk, none"):
         choose_cache("ram", 1, [8, 8], 1)
+
+
+def test_patch_training_caches_images_at_their_own_size():
+    plan = {"spatial_size": [256, 256], "data": {"median_height_width": [2400.0, 1900.5]}}
+    assert cached_size(plan) == [256, 256]
+    assert cached_size({**plan, "patch_training": True}) == [2400, 1900]  # 32 pairs of these: 1.1 GiB, not 32 MiB
+    assert choose_cache("auto", 32, cached_size({**plan, "patch_training": True}), 1, memory=2 * 2**30) == "disk"
+    assert choose_cache("auto", 32, cached_size(plan), 1, memory=2 * 2**30) == "memory"
 
 
 def test_loader_workers():

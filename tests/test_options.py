@@ -128,6 +128,27 @@ def test_sliding_window_keeps_native_resolution_on_images_of_different_sizes(wor
         assert np.array_equal(written, TRUTHS[name]), name  # no resize: every pixel exact
 
 
+def test_a_model_trained_on_patches_infers_in_sliding_windows_unless_told_otherwise(workspace: Path):
+    """sliding_window auto follows the plan beside the model: patches were cut at the images' own resolution."""
+    model = workspace / "patched" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes((workspace / "model.pt").read_bytes())
+    plan = {"num_classes": 2, "class_names": ["background", "foreground"], "in_channels": 3, "spatial_size": [32, 32],
+            "batch_size": 4, "normalization": "minmax", "patch_training": True}
+    (model.parent / "plan.json").write_text(json.dumps(plan))
+    auto = workspace / "out_patched"
+    infer(workspace, "--input_dir", "in", "--output_dir", "out_patched", "--ckpt_path", "patched/model.pt")
+    for name, written in masks(auto).items():
+        assert np.array_equal(written, TRUTHS[name]), name  # native resolution: every pixel exact
+    # told otherwise: resized to the 32x32 patch and back, with a warning naming the model and the setting
+    proc = infer(workspace, "--input_dir", "in", "--output_dir", "out_patched_resized", "--ckpt_path", "patched/model.pt",
+                 "--sliding_window", "false")
+    assert "trained on patches at the images' own resolution: sliding_window false resizes" in proc.stdout + proc.stderr
+    resized = masks(workspace / "out_patched_resized")
+    assert all(resized[n].shape == TRUTHS[n].shape for n in TRUTHS)
+    assert not all(np.array_equal(resized[n], TRUTHS[n]) for n in TRUTHS)
+
+
 def test_tta_averages_the_flipped_predictions(workspace: Path):
     # The ramp network marks the first 60% of its input's last axis, which is the image's height
     # (MONAI holds PIL images as width x height): the top 60% of the picture.  Two of the four

@@ -189,6 +189,7 @@ def test_the_plan_beside_the_weights_is_shipped_into_metadata_and_configs(tmp_pa
     plan = {
         "num_classes": 3, "class_names": ["background", "liver", "tumour"], "in_channels": 1, "spatial_size": [96, 160],
         "normalization": "zscore", "mask_palette": None, "mask_thresholds": [64.0, 191.5], "batch_size": 8,
+        "patch_training": True,
     }
     (weights.parent / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "dist"
@@ -198,13 +199,15 @@ def test_the_plan_beside_the_weights_is_shipped_into_metadata_and_configs(tmp_pa
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"], image["channel_def"]) == (1, [96, 160], {"0": "intensity"})
+    assert image["is_patch_data"] is True  # trained on 96x160 patches at the images' own resolution
     assert (pred["num_channels"], pred["channel_def"]) == (3, {"0": "background", "1": "liver", "2": "tumour"})
     for name in ("train.json", "inference.json"):
         config = json.loads((folder / "configs" / name).read_text())
         assert (config["num_classes"], config["in_channels"], config["normalization"]) == (3, 1, "zscore")
         assert config["spatial_size"] == "auto"  # read from models/plan.json, so MONAI Label's input_size can still set it
         assert config["class_names"] == ["background", "liver", "tumour"]
-    assert json.loads((folder / "configs" / "train.json").read_text())["mask_thresholds"] == [64.0, 191.5]
+    trained = json.loads((folder / "configs" / "train.json").read_text())
+    assert trained["mask_thresholds"] == [64.0, 191.5] and trained["patch_training"] is True  # MONAI Label trains on patches too
     # the packaged metadata still satisfies MONAI's schema
     import jsonschema
 

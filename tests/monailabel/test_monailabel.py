@@ -666,7 +666,7 @@ def test_server_info_shows_a_2d_model_its_labels_and_the_annotator_options(serve
     assert sorted(info["labels"]) == ["blood vessel", "foreground", "liver tumour"]
     assert not any("background" in name.lower() for name in info["labels"])
     # what the annotator can choose: inference options and training options, from displayable_configs
-    infer_options = {"input_size": 32, "tta": "auto", "sliding_window": False, "keep_largest_component": "auto",
+    infer_options = {"input_size": 32, "tta": "auto", "sliding_window": "auto", "keep_largest_component": "auto",
                      "fill_holes": "auto", "remove_smaller_than": "auto"}
     assert infer_options.items() <= model["config"].items()
     train = info["trainers"][NAME]["config"]
