@@ -43,12 +43,17 @@ __all__ = ["DataCheck", "checked_datalists", "run_data_check"]
 
 logger = logging.getLogger(__name__)
 REPORT_VERSION = 1
+#: planned settings added since cached reports were first written: while ``auto`` they stay out of the report's key,
+#: so an earlier run's cached plan (made without them, i.e. as ``auto`` then meant) is reused on resume
+ADDED_SETTINGS = ("patch_training",)
 
 
 def _settings_key(source: DataSource, lists: dict, settings: Mapping[str, Any], device_type: str, fixed_plan: Mapping | None) -> dict:
     """Everything a cached report depends on besides the files themselves."""
+    # a setting added later is left out while auto, so that a run started before it resumes with its cached plan
+    kept = {k: settings[k] for k in sorted(settings) if not (k in ADDED_SETTINGS and is_auto(settings[k]))}
     return {
-        "version": REPORT_VERSION, "settings": {k: settings[k] for k in sorted(settings)}, "device": device_type,
+        "version": REPORT_VERSION, "settings": kept, "device": device_type,
         "fixed_plan": fixed_plan, "lists": {k: [sorted(d.items()) for d in v] for k, v in lists.items()},
         "folds": [source.num_folds, source.fold, source.seed] if source.num_folds is not None else None,
     }

@@ -198,8 +198,17 @@ def overlay(rgb: np.ndarray, index: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out.astype(np.uint8)
 
 
+#: the longest side of an image in a preview strip: larger validation images (patch training keeps them at their own
+#: size) are shown every n-th pixel, so that a picture of four mammograms stays a picture, not hundreds of megabytes
+PREVIEW_SIDE = 512
+
+
 def preview_strip(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-    """Image | ground truth over image | prediction over image, as one ``(H, 3W + 8, 3)`` array."""
+    """Image | ground truth over image | prediction over image, as one ``(H, 3W + 8, 3)`` array (each side at most
+    :data:`PREVIEW_SIDE`, taking every n-th pixel of larger images)."""
+    step = -(-max(image.shape[1:]) // PREVIEW_SIDE)
+    if step > 1:
+        image, label, pred = (t[:, ::step, ::step] for t in (image, label, pred))
     rgb = _to_uint8_rgb(image)
     gap = np.full((rgb.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([rgb, gap, overlay(rgb, _to_index(label)), gap, overlay(rgb, _to_index(pred))], axis=1)

@@ -91,6 +91,8 @@ MIN_BATCH = {"cpu": 4, "cuda": 2}
 #: patch training (``patch_training auto``) when fitting the median image into the device's pixel budget would
 #: scale each side by less than this: resizing would then throw away more than half of the resolution
 PATCH_BELOW_SCALE = 0.5
+#: patch training cuts (area of the median image / area of a patch) / this many patches per image and epoch
+PATCH_AREA_SHARE_DIVISOR = 4
 #: the plan's ``training`` text, by ``patch_training``
 TRAINING_TEXT = {
     False: "whole images resized to spatial_size",
@@ -298,6 +300,21 @@ def plan_patch(fp: DataFingerprint, setting: Any, size_setting: Any, device_type
     return False, f"the median image {height:g}x{width:g} resizes into the {device_type} budget at a scale of {min(1.0, scale):.2f}"
 
 
+def plan_patches_per_image(patches: bool, fp: DataFingerprint, size: Sequence[int], batch: int) -> tuple[int, str]:
+    """``(patches_per_image, why)``: patches cut from each image per epoch (1 without patch training).
+
+    One patch per image would make an epoch a sliver of a large image's pixels while validation still covers whole
+    images; so a quarter of the median image's area in patches, at most half the batch (each batch then holds
+    patches of at least two images, which batch norm needs), and the batch takes ``batch_size // patches`` images.
+    """
+    if not patches or not fp.heights:
+        return 1, "whole images" if not patches else "no images to read"
+    area = float(np.median(fp.heights)) * float(np.median(fp.widths)) / (size[0] * size[1])
+    count = int(min(max(1, batch // 2), max(1, round(area / PATCH_AREA_SHARE_DIVISOR))))
+    return count, (f"the median image holds {area:.1f} patches' area: {count} per image and epoch, "
+                   f"{batch // count} image(s) per batch of {batch}")
+
+
 def plan_batch(size: Sequence[int], setting: Any, device_type: str, n_training: int) -> tuple[int, str]:
     """``(batch_size, why)``: as many images of ``size`` as the device's batch pixels hold (4 on a CPU or 2 on a GPU, to 32)."""
     if not is_auto(setting):
@@ -414,6 +431,7 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
     given = [settings.get(k) for k in ("spatial_size", "input_size")]
     size_given = next((v for v in given if v is not None and not is_auto(v)), None)
     patches, why["patch_training"] = plan_patch(fp, settings.get("patch_training", AUTO), size_given, device_type)
+    per_image, why["patches_per_image"] = plan_patches_per_image(patches, fp, size, batch)
     normalization, why["normalization"] = plan_normalization(fp, settings.get("normalization"))
     counts = class_counts(fp, to_index_factory(num_classes, palette, thresholds))
     weights, why["class_weights"] = plan_class_weights(counts, settings.get("class_weights"), str(settings.get("loss_name")))
@@ -433,6 +451,7 @@ def make_plan(fp: DataFingerprint, settings: Mapping[str, Any], device: str | to
         "normalization": normalization,
         "class_weights": weights,
         "patch_training": patches,
+        "patches_per_image": per_image,
         "training": TRAINING_TEXT[patches],
         "mirrored": mirrored(settings),
         "why": why,
@@ -453,7 +472,7 @@ def _why_text(reason: str) -> str:
 def log_plan(plan: Mapping[str, Any]) -> None:
     """Print the plan, one line per item, with the reason for each."""
     why = plan.get("why", {})
-    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "patch_training", "normalization",
+    for key in ("num_classes", "class_names", "in_channels", "spatial_size", "batch_size", "patch_training", "patches_per_image", "normalization",
                 "class_weights", *NETWORK):
         if key not in plan:
             continue

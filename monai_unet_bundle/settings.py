@@ -331,14 +331,14 @@ def check_settings(**values: Any) -> dict[str, Any]:
             :class:`~monai_unet_bundle.transforms.MaskToIndexd`).
 
     Returns:
-        ``values``, with every on/off setting as a real boolean.
+        ``values``, with every on/off setting as a real boolean (those that also take ``auto`` as given).
 
     Raises:
         BundleInputError: one sentence per bad setting, one per line, e.g. ``batch_size is 'four',
             but it must be a whole number of at least 1: pass --batch_size with such a value.``
 
     Example:
-        >>> check_settings(sliding_window="False", batch_size=4)["sliding_window"]
+        >>> check_settings(save_overlays="False", batch_size=4)["save_overlays"]
         False
     """
     install_excepthook()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monai_unet_bundle.check import checked_datalists
+from monai_unet_bundle.check import checked_datalists, run_data_check
 from monai_unet_bundle.data import DataSource
 from monai_unet_bundle.errors import BundleInputError
 from monai_unet_bundle.transforms import MaskToIndexd
@@ -69,6 +69,26 @@ def test_a_clean_set_is_summarised_and_cached(tmp_path, caplog):
     with caplog.at_level("INFO", logger="monai_unet_bundle.check"):
         assert _check(data, tmp_path, class_names=["background", "cell"]) == lists
     assert "unchanged since the last check" in caplog.text
+
+
+def test_a_run_checked_before_patch_training_existed_resumes_with_its_cached_plan(tmp_path, caplog):
+    data = write_pairs(tmp_path / "data", n=4)
+    old = {"num_classes": "auto", "spatial_size": "auto", "in_channels": "auto", "batch_size": "auto", "normalization": "auto",
+           "class_weights": None, "loss_name": "dice_ce"}
+    report = tmp_path / "report.json"
+    _, plan = run_data_check(source=DataSource(data, val_fraction=0.25), settings=old, report_path=report)
+    cached = json.loads(report.read_text())
+    cached["plan"].pop("patch_training")  # as a plan of then was written
+    report.write_text(json.dumps(cached))
+    with caplog.at_level("INFO", logger="monai_unet_bundle.check"):
+        _, resumed = run_data_check(source=DataSource(data, val_fraction=0.25), settings={**old, "patch_training": "auto"},
+                                    report_path=report)
+    assert "unchanged since the last check" in caplog.text and "patch_training" not in resumed  # the configs read it as false
+    caplog.clear()
+    with caplog.at_level("INFO", logger="monai_unet_bundle.check"):
+        _, replanned = run_data_check(source=DataSource(data, val_fraction=0.25), settings={**old, "patch_training": "true"},
+                                      report_path=report)
+    assert "unchanged since the last check" not in caplog.text and replanned["patch_training"] is True
 
 
 def test_separate_validation_folder_and_csv_datalist(tmp_path):

@@ -58,6 +58,16 @@ def test_overlay_and_strip_orientation():
     assert strip[0, 5 + 4 + 4].tolist() == [127, 32, 32]  # ground-truth panel, top-right
 
 
+def test_a_large_validation_image_is_previewed_at_most_512_pixels_a_side():
+    image = torch.zeros(1, 2000, 1500)  # MONAI order: 2000 wide, 1500 high, as patch training validates it
+    label = torch.zeros(1, 2000, 1500)
+    label[0, 1996:, :4] = 1  # the top-right corner
+    strip = preview_strip(image, label, label)
+    assert strip.shape == (375, 3 * 500 + 8, 3)  # every 4th pixel
+    assert strip[0, 500 + 4 + 499].tolist() == [127, 32, 32]  # still in the ground-truth panel's top-right corner
+    assert preview_strip(torch.zeros(1, 512, 300), torch.zeros(1, 512, 300), torch.zeros(1, 512, 300)).shape == (300, 3 * 512 + 8, 3)
+
+
 def test_previews_written_per_validation(tmp_path):
     item = {"image": torch.rand(3, 8, 6), "label": torch.zeros(2, 8, 6), "pred": torch.zeros(2, 8, 6)}
     evaluator = Engine(lambda e, b: [item, item, item])

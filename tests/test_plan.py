@@ -183,13 +183,16 @@ def test_patches_only_for_images_too_large_to_resize_into_the_budget():
 
 
 def test_plan_records_patch_training_and_inference_follows_it(tmp_path):
-    masks = [np.pad(np.ones((300, 300), np.uint8), 500)] * 3
-    fp = _fp(masks, sizes=((1300, 1300),) * 3, modes=("L",) * 3)
+    masks = [np.pad(np.ones((300, 300), np.uint8), 500)] * 8
+    fp = _fp(masks, sizes=((1300, 1300),) * 8, modes=("L",) * 8)
     plan = make_plan(fp, {**AUTO_SETTINGS, "loss_name": "dice_ce", "patch_training": "auto"}, "cpu", _factory)
     assert plan["patch_training"] and plan["training"].startswith("patches of spatial_size at the images' own resolution")
     assert plan["spatial_size"] == [256, 256]  # the patch: the device's budget in the median image's shape
+    # 1300x1300 holds 25.8 patches of 256x256: a quarter of that per image and epoch, but at most half the batch of 4
+    assert plan["batch_size"] == 4 and plan["patches_per_image"] == 2 and "2 image(s) per batch of 4" in plan["why"]["patches_per_image"]
+    assert make_plan(fp, {**AUTO_SETTINGS, "loss_name": "dice_ce", "batch_size": 16}, "cpu", _factory)["patches_per_image"] == 6
     given = make_plan(fp, {**AUTO_SETTINGS, "loss_name": "dice_ce", "input_size": 128}, "cpu", _factory)
-    assert not given["patch_training"] and given["spatial_size"] == [128, 128]
+    assert not given["patch_training"] and given["spatial_size"] == [128, 128] and given["patches_per_image"] == 1
     # inference's sliding_window auto follows the model's plan; a plan from before patch training means whole images
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"")

@@ -53,9 +53,10 @@ def test_training_knobs_change_what_training_writes(tmp_path: Path):
 
 
 def test_patch_training_cuts_native_patches_and_validates_evaluates_and_infers_whole_images(tmp_path: Path):
-    """Images of six sizes, all larger than the 32x32 patch: training batches patches cut at the images' own
-    resolution (a resize would have fitted them whole), half centred on foreground; validation, evaluation and
-    inference (sliding_window auto) run sliding windows over whole images and give masks at their own size."""
+    """Images of nine sizes: training batches 32x32 patches cut at the images' own resolution (a resize would have
+    fitted them whole), several per image, about half centred on foreground, and an image smaller than a patch padded
+    up; validation, evaluation and inference (sliding_window auto) run sliding windows over whole images and give
+    masks and scores at their own size."""
     from monai.bundle import ConfigParser
 
     from tests.conftest import CONFIGS, make_demo_pair
@@ -64,38 +65,54 @@ def test_patch_training_cuts_native_patches_and_validates_evaluates_and_infers_w
     data = tmp_path / "data"
     for sub in ("images", "masks"):
         (data / sub).mkdir(parents=True)
-    sizes = [(40, 52), (72, 90), (96, 64), (56, 120), (88, 88), (64, 48), (50, 70), (80, 60)]
+    sizes = [(24, 40), (100, 120), (128, 96), (112, 112), (96, 128), (120, 100), (104, 90), (90, 140), (110, 110)]
     for i, (h, w) in enumerate(sizes):
         image, mask = make_demo_pair(rng, h, w)
         Image.fromarray(image, "RGB").convert("L").save(data / "images" / f"case_{i}.png")
         Image.fromarray(mask * 255, "L").save(data / "masks" / f"case_{i}.png")
-    options = ["--patch_training", "true", "--spatial_size", "[32,32]", "--batch_size", "4", "--num_workers", "0"]
-    # the configured training pipeline, sample by sample: 32x32 crops whose pixels are the image's own
+    pair = [{"image": f"images/case_{i}.png", "label": f"masks/case_{i}.png"} for i in range(len(sizes))]
+    (data / "list.json").write_text(json.dumps({"training": pair[1:8], "validation": [pair[0], pair[8]]}))
+    settings = {"patch_training": True, "spatial_size": [32, 32], "batch_size": 8}
+    # the configured pipelines: 3 patches per image (a quarter of the median image's area), so 2 images per batch
     parser = ConfigParser()
     parser.read_config(CONFIGS / "train.json")
-    parser.update({"bundle_root": str(tmp_path / "probe"), "dataset_dir": str(data), "patch_training": True,
-                   "spatial_size": [32, 32], "augmentation": "none", "cache": "none"})
+    parser.update({"bundle_root": str(tmp_path / "probe"), "dataset_dir": str(data), "datalist": str(data / "list.json"),
+                   "augmentation": "none", "cache": "none", "num_workers": 0, **settings})
+    assert parser.get_parsed_content("plan")["patches_per_image"] == 3
+    assert parser.get_parsed_content("train#dataloader").batch_size == 2
+    assert parser.get_parsed_content("validate#dataloader").batch_size == 1  # whole images of different sizes
+    assert list(parser.get_parsed_content("validate#inferer").window.roi_size) == [32, 32]  # sliding windows
     dataset = parser.get_parsed_content("train#dataset")
     centred_on_foreground = 0
     for i in range(len(dataset)):
-        for _ in range(6):
-            sample = dataset[i][0]  # one patch per image
-            assert tuple(sample["image"].shape) == (1, 32, 32) and tuple(sample["label"].shape) == (1, 32, 32)
-            centred_on_foreground += int(sample["label"][0, 16, 16] > 0)
-        # the patch is a window of the image at its own resolution (MONAI holds a PNG width first)
+        for _ in range(3):
+            patches = dataset[i]
+            assert len(patches) == 3
+            for patch in patches:
+                assert tuple(patch["image"].shape) == (1, 32, 32) and tuple(patch["label"].shape) == (1, 32, 32)
+                centred_on_foreground += int(patch["label"][0, 16, 16] > 0)
+        # each patch is a window of the image at its own resolution (MONAI holds a PNG width first)
         native = np.asarray(Image.open(dataset.data[i]["image"]), np.float32).T / 255
         windows = np.lib.stride_tricks.sliding_window_view(native, (32, 32))
-        assert np.isclose(windows, sample["image"][0].numpy(), atol=1e-6).all(axis=(-2, -1)).any(), dataset.data[i]["image"]
-    assert 0.25 < centred_on_foreground / (6 * len(dataset)) < 0.85  # half by design, plus background patches that hit it
+        for patch in patches:
+            assert np.isclose(windows, patch["image"][0].numpy(), atol=1e-6).all(axis=(-2, -1)).any(), dataset.data[i]["image"]
+    assert 0.25 < centred_on_foreground / (9 * len(dataset)) < 0.85  # half by design, plus background patches that hit it
+    small = parser.get_parsed_content("validate#dataset")[0]  # 24 high: padded to a patch, still its own pixels
+    assert tuple(small["image"].shape) == (1, 40, 32) and (small["image"][0, :, :4] == 0).all()
+    # through the command line: train, evaluate (the small image at its size), infer every image at its size
+    options = ["--patch_training", "true", "--spatial_size", "[32,32]", "--batch_size", "8", "--num_workers", "0",
+               "--datalist", str(data / "list.json")]
     proc = run_bundle("--config_file", config("train.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data),
                       "--max_epochs", "2", *options)
     plan = json.loads((tmp_path / "models" / "plan.json").read_text())
     assert plan["patch_training"] is True and plan["spatial_size"] == [32, 32] and "patch_training True" in proc.stdout + proc.stderr
-    assert len(list(csv.DictReader((tmp_path / "logs" / "curves.csv").open()))) == 2  # validated (whole images, one by one)
+    assert len(list(csv.DictReader((tmp_path / "logs" / "curves.csv").open()))) == 2
     run_bundle("--config_file", config("train.json", "evaluate.json"), "--bundle_root", str(tmp_path), "--dataset_dir", str(data),
-               "--num_workers", "0")
-    rows = list(csv.DictReader((tmp_path / "eval" / "metrics_per_image.csv").open()))
-    assert len(rows) == 2 and all(0 <= float(r["dice_foreground"]) <= 1 for r in rows)  # the validation pairs at their size
+               "--num_workers", "0", "--datalist", str(data / "list.json"))
+    rows = {Path(r["filename"]).name: r for r in csv.DictReader((tmp_path / "eval" / "metrics_per_image.csv").open())}
+    assert set(rows) == {"case_0.png", "case_8.png"}
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert sum(summary["all_pixels"]["support"]) == 24 * 40 + 110 * 110  # scored at the images' own size, padding removed
     run_bundle("--config_file", config("inference.json"), "--bundle_root", str(tmp_path), "--input_dir", str(data / "images"),
                "--output_dir", str(tmp_path / "out"))
     for i, (h, w) in enumerate(sizes):
