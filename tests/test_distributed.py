@@ -107,7 +107,7 @@ def test_multi_gpu_train_mixin_structure():
     assert merged["train"]["sampler"]["_target_"] == "monai.data.DistributedSampler" and train["train"]["sampler"] is None
     assert merged["train"]["sampler"]["shuffle"] is True and merged["train"]["dataloader"]["shuffle"] == "$@train#sampler is None"
     assert merged["train"]["dataloader"]["sampler"] == "@train#sampler"
-    assert merged["train"]["dataloader"]["drop_last"] == "$len(@train#sampler) > @plan['batch_size']"  # per-rank length
+    assert merged["train"]["dataloader"]["drop_last"] == "$len(@train#sampler) > @plan['batch_size'] // @plan.get('patches_per_image', 1)"  # per-rank length, in loader batches
     assert merged["validate"]["dataloader"]["sampler"] == "@validate#sampler"
     assert merged["validate"]["sampler"]["_target_"].endswith("evaluation_sampler")
     assert "local_device()" in merged["device"]
